@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # serving
     host: str = "127.0.0.1"
     model_tag: str | None = Field(default=None, description="Explicit model tag to serve")
+    arm: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = Field(
+        default="champion", description="Name of the serving arm, recorded in every log record"
+    )
     max_batch_rows: Annotated[int, Field(ge=1, le=100_000)] = 10_000
     feedback_token: SecretStr | None = Field(default=None, description="Token for POST /feedback")
     webhook_secret: SecretStr | None = Field(default=None, description="HMAC secret for webhooks")

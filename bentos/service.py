@@ -1,0 +1,122 @@
+"""The model service: one pinned model version behind typed BentoML APIs.
+
+A thin adapter over :mod:`driftloop.serving`. The model tag comes from
+``DRIFTLOOP_MODEL_TAG`` or, when served from a Bento, from the Bento's own
+``model_tag`` label; never ``:latest``.
+
+    bentoml serve bentos.service:FraudModel           # from a checkout, DRIFTLOOP_MODEL_TAG set
+    bentoml serve driftloop-fraud:<version>            # a built Bento pins its model
+"""
+
+from __future__ import annotations
+
+import sys
+from http import HTTPStatus
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+from pydantic import Field
+
+try:  # inside a built Bento the library is shipped under src/
+    import driftloop  # noqa: F401
+except ImportError:  # pragma: no cover - only in a Bento without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from driftloop import metrics  # noqa: E402
+from driftloop.serving import (  # noqa: E402
+    FeedbackRequest,
+    FeedbackResponse,
+    PredictionResponse,
+    Scorer,
+    TransactionRequest,
+    label_record,
+    token_ok,
+)
+
+MAX_BATCH = 10_000
+
+
+class Unauthorized(bentoml.exceptions.BentoMLException):
+    error_code = HTTPStatus.UNAUTHORIZED
+
+
+class FeedbackDisabled(bentoml.exceptions.BentoMLException):
+    error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+@bentoml.service(
+    name="driftloop_model",
+    workers=1,
+    traffic={"timeout": 30, "max_concurrency": 256},
+    logging={"access": {"enabled": False}},
+)
+class FraudModel:
+    """Scores card transactions with features from the Feast online store."""
+
+    def __init__(self) -> None:
+        from driftloop import bento, features, predlog, registry
+        from driftloop.errors import ModelError
+        from driftloop.settings import get_settings
+
+        settings = get_settings()
+        settings.apply_environment()
+        tag = settings.model_tag or bento.model_tag_from_bento_dir(Path(__file__).resolve().parent)
+        if not tag:
+            raise ModelError("no model tag: set DRIFTLOOP_MODEL_TAG or serve a built Bento")
+        self.settings = settings
+        self.model = registry.load_model(tag)
+        self.predictions = predlog.PredictionLog(settings, table="predictions")
+        self.labels = predlog.PredictionLog(settings, table="labels")
+        self.predictions.start()
+        self.labels.start()
+        self.scorer = Scorer(
+            self.model,
+            features.OnlineReader(settings),
+            self.predictions,
+            model_name=settings.model_name,
+            arm=settings.arm,
+        )
+        self._token = (
+            settings.feedback_token.get_secret_value() if settings.feedback_token else None
+        )
+        self._backlog = metrics.PREDLOG_BACKLOG.labels(settings.model_name, self.model.version)
+        self._backlog.set_function(self.predictions.backlog)
+
+    @bentoml.api
+    def predict(self, transaction: TransactionRequest) -> PredictionResponse:
+        """Score one transaction."""
+        return self.scorer.score([transaction], endpoint="predict")[0]
+
+    @bentoml.api
+    def predict_batch(
+        self,
+        transactions: Annotated[list[TransactionRequest], Field(min_length=1, max_length=MAX_BATCH)],
+    ) -> list[PredictionResponse]:
+        """Score many transactions in one call (at most 10,000 rows)."""
+        if len(transactions) > self.settings.max_batch_rows:
+            metrics.ERRORS.labels(self.settings.model_name, self.model.version, "batch_too_large").inc()
+            raise bentoml.exceptions.InvalidArgument(
+                f"transactions: {len(transactions)} rows exceeds the limit of "
+                f"{self.settings.max_batch_rows}"
+            )
+        return self.scorer.score(transactions, endpoint="predict_batch")
+
+    @bentoml.api
+    def feedback(self, label: FeedbackRequest, ctx: bentoml.Context) -> FeedbackResponse:
+        """Record a late label. Requires ``Authorization: Bearer $DRIFTLOOP_FEEDBACK_TOKEN``."""
+        if self._token is None:
+            metrics.FEEDBACK.labels(self.settings.model_name, "disabled").inc()
+            raise FeedbackDisabled("feedback is disabled: set DRIFTLOOP_FEEDBACK_TOKEN")
+        if not token_ok(ctx.request.headers.get("authorization"), self._token):
+            metrics.FEEDBACK.labels(self.settings.model_name, "unauthorized").inc()
+            raise Unauthorized("authorization: missing or invalid bearer token")
+        record = label_record(label)
+        self.labels.append([record])
+        metrics.FEEDBACK.labels(self.settings.model_name, "accepted").inc()
+        return FeedbackResponse(label_id=record["label_id"])
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.predictions.stop(flush=True)
+        self.labels.stop(flush=True)
