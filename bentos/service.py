@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - only in a Bento without the package in
 
 from driftloop import metrics  # noqa: E402
 from driftloop.serving import (  # noqa: E402
+    FeastOnlineReader,
     FeedbackRequest,
     FeedbackResponse,
     PredictionResponse,
@@ -55,7 +56,7 @@ class FraudModel:
     """Scores card transactions with features from the Feast online store."""
 
     def __init__(self) -> None:
-        from driftloop import bento, features, predlog, registry
+        from driftloop import bento, predlog, registry
         from driftloop.errors import ModelError
         from driftloop.settings import get_settings
 
@@ -66,13 +67,13 @@ class FraudModel:
             raise ModelError("no model tag: set DRIFTLOOP_MODEL_TAG or serve a built Bento")
         self.settings = settings
         self.model = registry.load_model(tag)
-        self.predictions = predlog.PredictionLog(settings, table="predictions")
-        self.labels = predlog.PredictionLog(settings, table="labels")
+        self.predictions = predlog.PredictionLog(settings)
+        self.labels = predlog.LabelLog(settings)
         self.predictions.start()
         self.labels.start()
         self.scorer = Scorer(
             self.model,
-            features.OnlineReader(settings),
+            FeastOnlineReader(settings),
             self.predictions,
             model_name=settings.model_name,
             arm=settings.arm,
@@ -81,7 +82,7 @@ class FraudModel:
             settings.feedback_token.get_secret_value() if settings.feedback_token else None
         )
         self._backlog = metrics.PREDLOG_BACKLOG.labels(settings.model_name, self.model.version)
-        self._backlog.set_function(self.predictions.backlog)
+        self._backlog.set_function(self.predictions.backlog_rows)
 
     @bentoml.api
     def predict(self, transaction: TransactionRequest) -> PredictionResponse:

@@ -127,10 +127,11 @@ def save_model(
         "threshold": float(threshold),
         "feature_service": FEATURE_SERVICE,
         "features": list(encoder.features),
-        "lineage": lineage.model_dump(mode="json"),
+        # BentoML metadata refuses None values: lineage is kept as one JSON string
+        "lineage": lineage.model_dump_json(),
         "reference_rows": reference.height,
         "created": datetime.now(UTC).isoformat(),
-        **(extra_metadata or {}),
+        **{k: v for k, v in (extra_metadata or {}).items() if v is not None},
     }
     labels = {"family": "driftloop", "stage": stage, "parent": lineage.parent or "none"}
     with bentoml.models.create(
@@ -172,12 +173,24 @@ def load_model(tag: str) -> LoadedModel:
     )
 
 
+def lineage_of(metadata: dict[str, Any]) -> Lineage:
+    """The lineage stored in a model's metadata."""
+    raw = metadata.get("lineage")
+    if isinstance(raw, str):
+        return Lineage.model_validate_json(raw)
+    return Lineage.model_validate(raw or {})
+
+
 def list_models(name: str) -> list[ModelInfo]:
     """Every stored version of ``name``, oldest first."""
     import bentoml
 
     out = []
-    for m in bentoml.models.list(name):
+    try:
+        stored = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        return []
+    for m in stored:
         meta = dict(m.info.metadata)
         if "lineage" not in meta:
             continue
@@ -190,7 +203,7 @@ def list_models(name: str) -> list[ModelInfo]:
                 stage=str(m.info.labels.get("stage", "candidate")),
                 metrics=meta.get("metrics", {}),
                 threshold=float(meta.get("threshold", 0.5)),
-                lineage=Lineage.model_validate(meta["lineage"]),
+                lineage=lineage_of(meta),
             )
         )
     return sorted(out, key=lambda i: i.created)

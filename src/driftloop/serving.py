@@ -291,3 +291,33 @@ def token_ok(header: str | None, expected: str | None) -> bool:
     if not expected or not header or not header.startswith("Bearer "):
         return False
     return hmac.compare_digest(header[7:].encode(), expected.encode())
+
+
+class FeastOnlineReader:
+    """:class:`FeatureReader` over the Feast online store (one long-lived FeatureStore)."""
+
+    def __init__(self, settings: Any) -> None:
+        from driftloop import features
+
+        self._features = features
+        self._store = features.get_store(settings)
+
+    def read(
+        self, card_ids: Sequence[int], merchant_ids: Sequence[int]
+    ) -> tuple[list[dict[str, Any] | None], list[dict[str, Any] | None]]:
+        frame = self._features.online_features(self._store, card_ids, merchant_ids)
+        cards: list[dict[str, Any] | None] = []
+        merchants: list[dict[str, Any] | None] = []
+        for row in frame.iter_rows(named=True):
+            cards.append(_entity(row, CARD_FEATURES, "card_velocity__ts"))
+            merchants.append(_entity(row, MERCHANT_FEATURES, "merchant_risk__ts"))
+        return cards, merchants
+
+
+def _entity(row: dict[str, Any], names: Sequence[str], ts_col: str) -> dict[str, Any] | None:
+    ts = row.get(ts_col)
+    if ts is None:
+        return None
+    out = {n: row.get(n) for n in names}
+    out["event_timestamp"] = ts.timestamp()
+    return out
