@@ -155,6 +155,34 @@ def models(
     console.print(table)
 
 
+@app.command()
+def build(
+    model_tag: Annotated[str, typer.Option(help="explicit model tag, name:version")],
+) -> None:
+    """Build the model Bento (from bentofile.yaml) pinning one model version."""
+    from driftloop.bento import build_model_bento
+
+    _settings()
+    if ":" not in model_tag or model_tag.endswith(":latest"):
+        raise typer.BadParameter("must be name:version (never :latest)", param_hint="--model-tag")
+    t0 = time.perf_counter()
+    tag = build_model_bento(model_tag)
+    console.print(f"built Bento [bold]{tag}[/] for {model_tag} in {time.perf_counter() - t0:.1f} s")
+    console.print(f"serve it with: bentoml serve {tag} --host 127.0.0.1 --port 3000")
+
+
+@app.command()
+def ship(
+    data_root: Annotated[str | None, typer.Option(help="overrides DRIFTLOOP_DATA_ROOT")] = None,
+) -> None:
+    """Recover: ship every spooled prediction and label segment into Delta now."""
+    from driftloop import predlog
+
+    settings = _settings(data_root=data_root)
+    for result in predlog.ship_all(settings):
+        console.print(result.model_dump_json())
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

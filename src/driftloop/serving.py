@@ -31,19 +31,18 @@ class TransactionRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        # BentoML's OpenAPI Schema takes `example` (singular)
         json_schema_extra={
-            "examples": [
-                {
-                    "transaction_id": "tx-0001",
-                    "card_id": 42,
-                    "merchant_id": 7,
-                    "amount": 129.99,
-                    "category": "retail",
-                    "channel": "online",
-                    "country": "US",
-                    "timestamp": "2026-01-10T12:00:00Z",
-                }
-            ]
+            "example": {
+                "transaction_id": "tx-0001",
+                "card_id": 42,
+                "merchant_id": 7,
+                "amount": 129.99,
+                "category": "retail",
+                "channel": "online",
+                "country": "US",
+                "timestamp": "2026-01-10T12:00:00Z",
+            }
         },
     )
 
@@ -246,7 +245,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"transaction_id": "tx-0001", "label": 1, "observed_at": "2026-01-11T09:00:00Z"}]
+            "example": {"transaction_id": "tx-0001", "label": 1, "observed_at": "2026-01-11T09:00:00Z"}
         },
     )
 

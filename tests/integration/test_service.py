@@ -200,3 +200,12 @@ def test_no_input_makes_the_service_fail_with_5xx(server: Server, world: World, 
         body.pop(f, None)
     r = post(server, "/predict", {"transaction": body})
     assert r.status_code < 500, r.text
+
+
+def test_openapi_and_health_endpoints(server: Server) -> None:
+    spec = httpx.get(f"{server.url}/docs.json", timeout=10)
+    assert spec.status_code == 200
+    paths = spec.json()["paths"]
+    assert {"/predict", "/predict_batch", "/feedback"} <= set(paths)
+    assert httpx.get(f"{server.url}/livez", timeout=10).status_code == 200
+    assert httpx.get(f"{server.url}/", timeout=10).status_code == 200
