@@ -183,6 +183,31 @@ def ship(
         console.print(result.model_dump_json())
 
 
+@app.command()
+def webhook(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port on DRIFTLOOP_HOST")] = 8787,
+    tolerance: Annotated[float, typer.Option(min=1, help="max clock skew / age, seconds")] = 300.0,
+) -> None:
+    """Serve the authenticated webhook endpoint (POST /hooks) that feeds Prefect."""
+    import uvicorn
+
+    from driftloop.errors import ConfigError
+    from driftloop.webhook import create_app
+
+    settings = _settings()
+    if settings.webhook_secret is None:
+        raise ConfigError("set DRIFTLOOP_WEBHOOK_SECRET to serve webhooks")
+    if not settings.prefect_api_url:
+        raise ConfigError("set DRIFTLOOP_PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+    app_ = create_app(
+        secret=settings.webhook_secret.get_secret_value(),
+        api_url=settings.prefect_api_url,
+        state_dir=settings.state_dir.resolve(),
+        tolerance=tolerance,
+    )
+    uvicorn.run(app_, host=settings.host, port=port, log_level="warning", access_log=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -85,6 +85,8 @@ class EventName(StrEnum):
     ROLLOUT_STEPPED = "driftloop.rollout.stepped"
     ROLLOUT_PROMOTED = "driftloop.rollout.promoted"
     ROLLOUT_ROLLED_BACK = "driftloop.rollout.rolled_back"
+    LABELS_LANDED = "driftloop.labels.landed"
+    DATA_LANDED = "driftloop.data.landed"
 
 
 #: prefix shared by every driftloop event (for ``read_events(prefix=...)`` and triggers)
@@ -266,6 +268,22 @@ class RetrainSkipped(AdaptationPayload):
     reason: str = Field(min_length=1)
 
 
+class LabelsLanded(AdaptationPayload):
+    """An external system says labels landed (from a webhook); extra keys pass through."""
+
+    event: ClassVar[EventName] = EventName.LABELS_LANDED
+
+    delivery: str | None = None
+
+
+class DataLanded(AdaptationPayload):
+    """An external system says new data landed (from a webhook); extra keys pass through."""
+
+    event: ClassVar[EventName] = EventName.DATA_LANDED
+
+    delivery: str | None = None
+
+
 class RolloutPayload(AdaptationPayload):
     """Common shape of the ``driftloop.rollout.*`` events."""
 
@@ -314,6 +332,8 @@ PAYLOAD_MODELS: dict[EventName, type[EventPayload]] = {
         RolloutStepped,
         RolloutPromoted,
         RolloutRolledBack,
+        LabelsLanded,
+        DataLanded,
     )
 }
 
