@@ -22,13 +22,17 @@ Progress = Callable[[str, float], None]
 TRANSACTIONS = "transactions"
 
 
-def generate_history(settings: Settings, config: simulate.SimulationConfig, *, mode: str = "overwrite") -> int:
-    """Simulate transactions and write them to the Delta table ``transactions``; return its version."""
+def generate_history(
+    settings: Settings, config: simulate.SimulationConfig, *, mode: str = "overwrite"
+) -> int:
+    """Simulate transactions into the Delta table ``transactions``; return its version."""
     frame = simulate.simulate(config)
     return simulate.write_history(frame, settings.table(TRANSACTIONS), mode=mode)  # type: ignore[arg-type]
 
 
-def load_history(settings: Settings, start: datetime | None = None, end: datetime | None = None) -> pl.DataFrame:
+def load_history(
+    settings: Settings, start: datetime | None = None, end: datetime | None = None
+) -> pl.DataFrame:
     """Read the transaction history (a time window of it) from Delta."""
     location = settings.table(TRANSACTIONS)
     try:
@@ -48,8 +52,10 @@ def table_version(location: str) -> int | None:
         return None
 
 
-def prepare_features(settings: Settings, transactions: pl.DataFrame, *, materialize: bool = True) -> None:
-    """Compute card and merchant aggregates, write the offline source, apply the repo, materialise."""
+def prepare_features(
+    settings: Settings, transactions: pl.DataFrame, *, materialize: bool = True
+) -> None:
+    """Compute card and merchant aggregates, write the offline source, apply, materialise."""
     card = features.compute_card_features(transactions)
     merchant = features.compute_merchant_features(transactions)
     features.write_offline(settings, card, merchant)

@@ -245,7 +245,11 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "example": {"transaction_id": "tx-0001", "label": 1, "observed_at": "2026-01-11T09:00:00Z"}
+            "example": {
+                "transaction_id": "tx-0001",
+                "label": 1,
+                "observed_at": "2026-01-11T09:00:00Z",
+            }
         },
     )
 

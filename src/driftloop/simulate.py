@@ -41,7 +41,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from driftloop.errors import DataError
 from driftloop.schema import (
-    CATEGORIES,
     CHANNELS,
     COUNTRIES,
     HOME_COUNTRY,
@@ -160,7 +159,9 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def _pick(rng: np.random.Generator, values: tuple[str, ...], weights: list[float], n: int) -> np.ndarray:
+def _pick(
+    rng: np.random.Generator, values: tuple[str, ...], weights: list[float], n: int
+) -> np.ndarray:
     p = np.asarray(weights, dtype=float)
     return rng.choice(len(values), size=n, p=p / p.sum())
 
@@ -284,7 +285,9 @@ def simulate(config: SimulationConfig | None = None, **kwargs: object) -> pl.Dat
     ts_o = all_ts[order]
 
     delay_us = (
-        rng.lognormal(np.log(cfg.label_delay_median_hours * 3600), cfg.label_delay_sigma, order.size)
+        rng.lognormal(
+            np.log(cfg.label_delay_median_hours * 3600), cfg.label_delay_sigma, order.size
+        )
         * 1_000_000
     ).astype(np.int64)
 
@@ -305,9 +308,9 @@ def simulate(config: SimulationConfig | None = None, **kwargs: object) -> pl.Dat
     channel_map = dict(enumerate(CHANNELS))
     country_map = dict(enumerate(COUNTRIES))
     frame = frame.select(
-        pl.concat_str([pl.lit(f"{cfg.id_prefix}-{cfg.seed}-"), pl.col("transaction_id").cast(pl.String)]).alias(
-            "transaction_id"
-        ),
+        pl.concat_str(
+            [pl.lit(f"{cfg.id_prefix}-{cfg.seed}-"), pl.col("transaction_id").cast(pl.String)]
+        ).alias("transaction_id"),
         "card_id",
         "merchant_id",
         "amount",
@@ -324,7 +327,10 @@ def simulate(config: SimulationConfig | None = None, **kwargs: object) -> pl.Dat
         broken = pl.col("event_timestamp") >= cfg.drift_at
         if cfg.break_kind == "unit":
             frame = frame.with_columns(
-                pl.when(broken).then(pl.col("amount") * 100).otherwise(pl.col("amount")).alias("amount")
+                pl.when(broken)
+                .then(pl.col("amount") * 100)
+                .otherwise(pl.col("amount"))
+                .alias("amount")
             )
         else:
             frame = frame.with_columns(
@@ -338,7 +344,9 @@ def is_home(country: str) -> bool:
     return country == HOME_COUNTRY
 
 
-def write_history(frame: pl.DataFrame, location: str, *, mode: Literal["overwrite", "append"] = "overwrite") -> int:
+def write_history(
+    frame: pl.DataFrame, location: str, *, mode: Literal["overwrite", "append"] = "overwrite"
+) -> int:
     """Write transactions to a Delta table partitioned by ``date``; return the new table version."""
     from deltalake import DeltaTable
 
@@ -350,7 +358,9 @@ def write_history(frame: pl.DataFrame, location: str, *, mode: Literal["overwrit
     return int(DeltaTable(location).version())
 
 
-def read_history(location: str, start: datetime | None = None, end: datetime | None = None) -> pl.DataFrame:
+def read_history(
+    location: str, start: datetime | None = None, end: datetime | None = None
+) -> pl.DataFrame:
     """Read transactions back from Delta (optionally a time window), pruning date partitions."""
     lf = pl.scan_delta(location)
     if start is not None:
@@ -358,5 +368,7 @@ def read_history(location: str, start: datetime | None = None, end: datetime | N
             (pl.col("date") >= start.strftime("%Y-%m-%d")) & (pl.col("event_timestamp") >= start)
         )
     if end is not None:
-        lf = lf.filter((pl.col("date") <= end.strftime("%Y-%m-%d")) & (pl.col("event_timestamp") < end))
+        lf = lf.filter(
+            (pl.col("date") <= end.strftime("%Y-%m-%d")) & (pl.col("event_timestamp") < end)
+        )
     return lf.drop("date").sort("event_timestamp").collect()

@@ -158,7 +158,9 @@ def train_model(
     cfg = config or TrainConfig()
     started = time.perf_counter()
     encoder = FeatureEncoder()
-    missing = [c for c in (*encoder.features, "is_fraud", "event_timestamp") if c not in frame.columns]
+    missing = [
+        c for c in (*encoder.features, "is_fraud", "event_timestamp") if c not in frame.columns
+    ]
     if missing:
         raise DataError(f"training frame lacks columns {missing}")
     train, val, test = split_by_time(frame, cfg.holdout_fraction, cfg.validation_fraction)
@@ -241,7 +243,7 @@ def build_training_frame(
     *,
     as_of: datetime | None = None,
 ) -> pl.DataFrame:
-    """Labelled transactions (labels arrived by ``as_of``) joined point-in-time with Feast features."""
+    """Labelled transactions (labels arrived by ``as_of``) joined point-in-time with features."""
     from driftloop import features
 
     labelled = label_arrived(transactions, as_of) if as_of is not None else transactions
@@ -267,14 +269,26 @@ def join_features_in_memory(
     within the views' TTLs. Used by tests and benchmarks; training goes through Feast
     (:func:`build_training_frame`), and an integration test checks both agree.
     """
-    q = transactions.with_columns((pl.col("event_timestamp") - offset).alias("_as_of")).sort("_as_of")
+    q = transactions.with_columns((pl.col("event_timestamp") - offset).alias("_as_of")).sort(
+        "_as_of"
+    )
     c = card.rename({"event_timestamp": "_card_ts"}).sort("_card_ts")
     m = merchant.rename({"event_timestamp": "_merchant_ts"}).sort("_merchant_ts")
     out = q.join_asof(
-        c, left_on="_as_of", right_on="_card_ts", by="card_id", strategy="backward", tolerance=card_ttl,
+        c,
+        left_on="_as_of",
+        right_on="_card_ts",
+        by="card_id",
+        strategy="backward",
+        tolerance=card_ttl,
         check_sortedness=False,
     ).join_asof(
-        m, left_on="_as_of", right_on="_merchant_ts", by="merchant_id", strategy="backward",
-        tolerance=merchant_ttl, check_sortedness=False,
+        m,
+        left_on="_as_of",
+        right_on="_merchant_ts",
+        by="merchant_id",
+        strategy="backward",
+        tolerance=merchant_ttl,
+        check_sortedness=False,
     )
     return derive_frame(out.drop("_as_of", "_card_ts", "_merchant_ts").sort("event_timestamp"))

@@ -4,7 +4,8 @@ Open-source Prefect has no webhooks; this small Starlette app fills the gap.
 A caller signs each delivery with a shared secret (``DRIFTLOOP_WEBHOOK_SECRET``)::
 
     ts=$(date +%s); id=$(uuidgen); body='{"action":"retrain_now","model":"fraud"}'
-    sig=$(printf '%s.%s.%s' "$ts" "$id" "$body" | openssl dgst -sha256 -hmac "$DRIFTLOOP_WEBHOOK_SECRET" -hex | sed 's/^.* //')
+    sig=$(printf '%s.%s.%s' "$ts" "$id" "$body" \\
+          | openssl dgst -sha256 -hmac "$DRIFTLOOP_WEBHOOK_SECRET" -hex | sed 's/^.* //')
     curl -X POST http://127.0.0.1:8787/hooks \\
       -H "X-Driftloop-Timestamp: $ts" -H "X-Driftloop-Delivery: $id" \\
       -H "X-Driftloop-Signature: sha256=$sig" -d "$body"
@@ -108,7 +109,7 @@ def verify(
     delivery = headers.get(DELIVERY_HEADER)
     if not sig or not ts or not delivery:
         raise WebhookRejected(
-            f"missing header: {SIGNATURE_HEADER}, {TIMESTAMP_HEADER} and {DELIVERY_HEADER} are required"
+            f"missing header: {SIGNATURE_HEADER}, {TIMESTAMP_HEADER}, {DELIVERY_HEADER} required"
         )
     if len(delivery) > 128:
         raise WebhookRejected(f"{DELIVERY_HEADER}: longer than 128 characters")
@@ -148,7 +149,9 @@ def create_app(
             with httpx.Client(base_url=api_url, timeout=10) as client:
                 dep = client.get("/deployments/name/retrain/retrain")
                 if dep.status_code == 404:
-                    raise WebhookRejected("deployment retrain/retrain does not exist: deploy prefect.yaml")
+                    raise WebhookRejected(
+                        "deployment retrain/retrain does not exist: deploy prefect.yaml"
+                    )
                 dep.raise_for_status()
                 run = client.post(
                     f"/deployments/{dep.json()['id']}/create_flow_run",

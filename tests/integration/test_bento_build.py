@@ -1,4 +1,4 @@
-"""bentofile.yaml builds a Bento for an explicit model tag offline, and `bentoml serve <bento>` serves it."""
+"""bentofile.yaml builds a Bento for one model tag offline; `bentoml serve <bento>` serves it."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 import httpx
 import polars as pl
@@ -55,7 +55,9 @@ def post(server: Server, path: str, body: object, **kw: object) -> httpx.Respons
     return httpx.post(f"{server.url}{path}", json=body, timeout=30, **kw)
 
 
-def wait_rows(world: World, table: str, column: str, values: set[str], timeout: float = 30.0) -> pl.DataFrame:
+def wait_rows(
+    world: World, table: str, column: str, values: set[str], timeout: float = 30.0
+) -> pl.DataFrame:
     location = world.settings().table(table)
     deadline = time.monotonic() + timeout
     found = pl.DataFrame()
@@ -67,7 +69,9 @@ def wait_rows(world: World, table: str, column: str, values: set[str], timeout: 
         except Exception:  # table not created yet
             pass
         time.sleep(0.5)
-    raise AssertionError(f"{len(values) - found.height} of {len(values)} rows never reached {table}")
+    raise AssertionError(
+        f"{len(values) - found.height} of {len(values)} rows never reached {table}"
+    )
 
 
 def test_predict_round_trip_and_logged_to_delta(server: Server, world: World) -> None:
@@ -135,7 +139,9 @@ def test_features_come_from_feast(server: Server, world: World) -> None:
         ({"transaction_id": ""}, "transaction_id"),
     ],
 )
-def test_bad_input_is_a_4xx_naming_the_field(server: Server, world: World, change: dict, field: str) -> None:
+def test_bad_input_is_a_4xx_naming_the_field(
+    server: Server, world: World, change: dict, field: str
+) -> None:
     r = post(server, "/predict", {"transaction": tx(world) | change})
     assert 400 <= r.status_code < 500, r.text
     assert field in r.text
@@ -150,8 +156,17 @@ def test_missing_required_field_and_oversized_batch(server: Server, world: World
     assert r.status_code == 400 and "transactions" in r.text and "500" in r.text
 
 
-def test_unseen_category_unknown_entity_and_missing_values_are_scored(server: Server, world: World) -> None:
-    body = tx(world, card_id=10**12, merchant_id=10**12, category="electronics", country=None, channel=None)
+def test_unseen_category_unknown_entity_and_missing_values_are_scored(
+    server: Server, world: World
+) -> None:
+    body = tx(
+        world,
+        card_id=10**12,
+        merchant_id=10**12,
+        category="electronics",
+        country=None,
+        channel=None,
+    )
     r = post(server, "/predict", {"transaction": body})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -160,9 +175,18 @@ def test_unseen_category_unknown_entity_and_missing_values_are_scored(server: Se
     assert out["feature_age_seconds"] is None
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     version = out["model_version"]
-    assert f'driftloop_unseen_category_total{{field="category",model="fraud",version="{version}"}}' in metrics
-    assert f'driftloop_unknown_entity_total{{entity="card",model="fraud",version="{version}"}}' in metrics
-    assert f'driftloop_predictions_total{{decision="legit",model="fraud",version="{version}"}}' in metrics
+    assert (
+        f'driftloop_unseen_category_total{{field="category",model="fraud",version="{version}"}}'
+        in metrics
+    )
+    assert (
+        f'driftloop_unknown_entity_total{{entity="card",model="fraud",version="{version}"}}'
+        in metrics
+    )
+    assert (
+        f'driftloop_predictions_total{{decision="legit",model="fraud",version="{version}"}}'
+        in metrics
+    )
     assert "driftloop_predict_latency_seconds_bucket" in metrics
     assert "driftloop_predlog_backlog_records" in metrics
 
@@ -183,18 +207,39 @@ def test_feedback_requires_the_token_and_is_stored(server: Server, world: World)
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3)
+    ),
     max_leaves=8,
 )
 fields = st.sampled_from(
-    ["transaction_id", "card_id", "merchant_id", "amount", "category", "channel", "country", "timestamp", "request_id", "x"]
+    [
+        "transaction_id",
+        "card_id",
+        "merchant_id",
+        "amount",
+        "category",
+        "channel",
+        "country",
+        "timestamp",
+        "request_id",
+        "x",
+    ]
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(changes=st.dictionaries(fields, json_values, max_size=4), drop=st.sets(fields, max_size=2))
-def test_no_input_makes_the_service_fail_with_5xx(server: Server, world: World, changes: dict, drop: set) -> None:
+def test_no_input_makes_the_service_fail_with_5xx(
+    server: Server, world: World, changes: dict, drop: set
+) -> None:
     body = tx(world) | changes
     for f in drop:
         body.pop(f, None)

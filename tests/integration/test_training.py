@@ -79,7 +79,13 @@ def test_unseen_categories_and_missing_values_score_without_error(trained) -> No
     rows = [
         {"amount": 50.0, "category": "electronics", "channel": "hologram", "country": "XX"},
         {"amount": 50.0},
-        {"amount": 5000.0, "category": None, "channel": None, "country": None, "card_txn_count_1h": None},
+        {
+            "amount": 5000.0,
+            "category": None,
+            "channel": None,
+            "country": None,
+            "card_txn_count_1h": None,
+        },
     ]
     scores = predict(model.booster, model.encoder.encode_rows(rows))
     assert scores.shape == (3,)
@@ -98,7 +104,10 @@ def test_no_leakage_training_rows_only_use_labels_that_had_arrived(trained) -> N
     from driftloop.training import label_arrived
 
     _, _, _, _, _, history = trained
-    cutoff = history["event_timestamp"].max() - (history["event_timestamp"].max() - history["event_timestamp"].min()) / 2
+    cutoff = (
+        history["event_timestamp"].max()
+        - (history["event_timestamp"].max() - history["event_timestamp"].min()) / 2
+    )
     kept = label_arrived(history, cutoff)
     assert kept.height < history.height
     assert (kept["label_available_at"] <= cutoff).all()

@@ -1,4 +1,4 @@
-"""Webhooks: signed deliveries become Prefect events; missing, wrong, stale and replayed ones are refused."""
+"""Webhooks: signed deliveries become Prefect events; bad, stale and replayed ones are refused."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def hook(prefect_api_url: str, tmp_path: Path):
         log.close()
 
 
-def signed(body: bytes, *, ts: float | None = None, delivery: str | None = None, secret: str = SECRET) -> dict:
+def signed(
+    body: bytes, *, ts: float | None = None, delivery: str | None = None, secret: str = SECRET
+) -> dict:
     t = str(int(ts if ts is not None else time.time()))
     d = delivery or new_delivery_id()
     return {
@@ -74,7 +76,11 @@ def test_valid_signature_is_accepted_and_becomes_an_event(hook: str, prefect_api
     deadline = time.monotonic() + 20
     found = []
     while time.monotonic() < deadline and not found:
-        found = [e for e in read_events(prefect_api_url, names=["driftloop.labels.landed"], since=since) if str(e.id) == event_id]
+        found = [
+            e
+            for e in read_events(prefect_api_url, names=["driftloop.labels.landed"], since=since)
+            if str(e.id) == event_id
+        ]
         time.sleep(0.3)
     assert found, "the webhook's event never reached the Prefect server"
     assert found[0].payload["rows"] == 120
@@ -87,9 +93,13 @@ def test_missing_wrong_stale_and_replayed_signatures_are_refused(hook: str) -> N
     r = httpx.post(f"{hook}/hooks", content=body, headers=signed(body, secret="wrong"), timeout=10)
     assert r.status_code == 401 and "signature" in r.text
     tampered = signed(body)
-    r = httpx.post(f"{hook}/hooks", content=b'{"action": "retrain_now"}', headers=tampered, timeout=10)
+    r = httpx.post(
+        f"{hook}/hooks", content=b'{"action": "retrain_now"}', headers=tampered, timeout=10
+    )
     assert r.status_code == 401 and "signature" in r.text
-    r = httpx.post(f"{hook}/hooks", content=body, headers=signed(body, ts=time.time() - 3600), timeout=10)
+    r = httpx.post(
+        f"{hook}/hooks", content=body, headers=signed(body, ts=time.time() - 3600), timeout=10
+    )
     assert r.status_code == 401 and "stale" in r.text
     headers = signed(body)
     assert httpx.post(f"{hook}/hooks", content=body, headers=headers, timeout=10).status_code == 202

@@ -41,7 +41,9 @@ def test_help_is_clear(command: str) -> None:
         (["build", "--model-tag", "fraud:latest"], "--model-tag"),
     ],
 )
-def test_bad_arguments_exit_non_zero_with_a_message(args: list[str], needle: str, tmp_path: Path) -> None:
+def test_bad_arguments_exit_non_zero_with_a_message(
+    args: list[str], needle: str, tmp_path: Path
+) -> None:
     out = run(*args, env_root=tmp_path)
     assert out.returncode == 2
     assert needle in out.stderr
@@ -56,7 +58,16 @@ def test_train_without_history_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_simulate_writes_delta(tmp_path: Path) -> None:
-    out = run("simulate", "--events", "2000", "--seed", "3", "--scenario", "new_category", env_root=tmp_path)
+    out = run(
+        "simulate",
+        "--events",
+        "2000",
+        "--seed",
+        "3",
+        "--scenario",
+        "new_category",
+        env_root=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     import polars as pl
 

@@ -53,7 +53,9 @@ def test_shape_schema_and_fraud_rate(frames, scenario: str) -> None:
 
 def test_labels_arrive_late_with_configured_median() -> None:
     df = simulate(n_events=20_000, seed=1, label_delay_median_hours=12.0)
-    delay_h = ((df["label_available_at"] - df["event_timestamp"]).dt.total_seconds() / 3600).to_numpy()
+    delay_h = (
+        (df["label_available_at"] - df["event_timestamp"]).dt.total_seconds() / 3600
+    ).to_numpy()
     assert (delay_h > 0).all()
     assert 10.0 < np.median(delay_h) < 14.0
 
