@@ -1,0 +1,107 @@
+"""online_fast.FastOnlineReader returns what features.online_features returns, on a real store."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from tests.fixtures.world import World
+
+pytestmark = pytest.mark.integration
+
+UNKNOWN = 10**12
+
+
+@pytest.fixture(scope="module")
+def store(world: World):
+    from driftloop import features
+
+    return features.get_store(world.settings())
+
+
+def entity_pairs(world: World, n: int = 400) -> tuple[list[int | None], list[int | None]]:
+    """Known pairs (with repeats), unknown cards and merchants, and missing ids."""
+    recent = world.transactions.tail(n)
+    cards: list[int | None] = recent["card_id"].to_list()
+    merchants: list[int | None] = recent["merchant_id"].to_list()
+    cards += [cards[0], UNKNOWN, cards[1], UNKNOWN, None]
+    merchants += [merchants[0], merchants[1], UNKNOWN, UNKNOWN, merchants[2]]
+    return cards, merchants
+
+
+def test_frame_is_the_frame_of_online_features(world: World, store) -> None:
+    from driftloop import features
+    from driftloop.online_fast import FastOnlineReader
+
+    cards, merchants = entity_pairs(world)
+    expected = features.online_features(store, cards, merchants)
+    got = FastOnlineReader(store).frame(cards, merchants)
+    assert_frame_equal(got, expected)
+    # the sample exercises known, unknown and missing entities
+    assert expected["card_velocity__ts"].null_count() >= 2
+    assert expected["merchant_risk__ts"].drop_nulls().len() > 0
+    as_of = world.transactions["event_timestamp"].max() + timedelta(days=1)
+    assert_frame_equal(
+        FastOnlineReader(store).frame(cards, merchants, as_of=as_of),
+        features.online_features(store, cards, merchants, as_of=as_of),
+    )
+
+
+def test_read_is_the_read_of_the_serving_reader(world: World, store) -> None:
+    from driftloop.online_fast import FastOnlineReader
+    from driftloop.serving import FeastOnlineReader
+
+    cards, merchants = entity_pairs(world)
+    known = [(c, m) for c, m in zip(cards, merchants, strict=True) if c is not None]
+    card_ids = [c for c, _ in known]
+    merchant_ids = [m for _, m in known]
+    assert FastOnlineReader(store).read(card_ids, merchant_ids) == FeastOnlineReader(
+        world.settings()
+    ).read(card_ids, merchant_ids)
+    assert FastOnlineReader(store).read([], []) == ([], [])
+    with pytest.raises(ValueError):
+        FastOnlineReader(store).read([1], [])
+
+
+def test_pushed_values_are_read_live_nulls_included(world: World, store) -> None:
+    """A card unknown to the store becomes known after a push (no caching of values);
+    a value pushed as null reads as missing, as through Feast's response."""
+    from driftloop import features
+    from driftloop.online_fast import FastOnlineReader
+
+    reader = FastOnlineReader(store)  # created before the push
+    card = 10**9 + random.randrange(10**8)
+    merchant = int(world.transactions["merchant_id"][-1])
+    cards, merchants = reader.read([card], [merchant])
+    assert cards == [None] and merchants[0] is not None
+    at = world.transactions["event_timestamp"].max()
+    pushed = pl.DataFrame(
+        {
+            "card_id": [card],
+            "event_timestamp": [at],
+            "card_txn_count_1h": [3],
+            "card_txn_count_24h": [9],
+            "card_amount_mean_1h": [None],
+            "card_amount_mean_24h": [42.5],
+            "card_last_txn_ts": [at.timestamp() - 60.0],
+        },
+        schema=features.CARD_FEATURE_SCHEMA,
+    )
+    features.push_card_features(store, pushed)
+    cards, _ = reader.read([card], [merchant])
+    assert cards[0] == {
+        "card_txn_count_1h": 3,
+        "card_txn_count_24h": 9,
+        "card_amount_mean_1h": None,
+        "card_amount_mean_24h": 42.5,
+        "card_last_txn_ts": pytest.approx(at.timestamp() - 60.0),
+        "event_timestamp": pytest.approx(at.timestamp()),
+    }
+    assert_frame_equal(
+        reader.frame([card, card], [merchant, UNKNOWN]),
+        features.online_features(store, [card, card], [merchant, UNKNOWN]),
+    )
