@@ -10,7 +10,7 @@ export BENTOML_DO_NOT_TRACK := True
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: help install test test-fast lint bench clean
+.PHONY: help install demo test test-fast lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install driftloop with dev extras
+
+DEMO_ARGS ?=
+demo: $(STAMP) ## run the whole adaptive loop on the embedded stack (DEMO_ARGS="--help")
+	$(BIN)/driftloop demo $(DEMO_ARGS)
 
 test: $(STAMP) ## install if needed, then run the whole suite
 	$(BIN)/pytest $(PYTEST_ARGS)

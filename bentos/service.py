@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 from pydantic import Field
@@ -24,8 +24,8 @@ except ImportError:  # pragma: no cover - only in a Bento without the package in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from driftloop import metrics  # noqa: E402
+from driftloop.online_fast import FastOnlineReader  # noqa: E402
 from driftloop.serving import (  # noqa: E402
-    FeastOnlineReader,
     FeedbackRequest,
     FeedbackResponse,
     PredictionResponse,
@@ -44,6 +44,39 @@ class Unauthorized(bentoml.exceptions.BentoMLException):
 
 class FeedbackDisabled(bentoml.exceptions.BentoMLException):
     error_code = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class FaultInjectingBooster:
+    """TEST ONLY: wraps the booster to fail, slow down or invert scores on purpose.
+
+    Active only when a ``DRIFTLOOP_FAULT_*`` setting is set (all off by default); the
+    faults happen inside scoring, so the prediction log records them as they were served.
+    """
+
+    def __init__(self, booster: Any, settings: Any) -> None:
+        import logging
+
+        self._booster = booster
+        self._error_rate = settings.fault_error_rate
+        self._delay = settings.fault_latency_ms / 1000.0
+        self._invert = settings.fault_invert_scores
+        logging.getLogger(__name__).warning(
+            "FAULT INJECTION ON: error_rate=%s latency_ms=%s invert_scores=%s",
+            self._error_rate,
+            settings.fault_latency_ms,
+            self._invert,
+        )
+
+    def inplace_predict(self, X: Any, *args: Any, **kwargs: Any) -> Any:
+        import random
+        import time
+
+        if self._delay:
+            time.sleep(self._delay)
+        if self._error_rate and random.random() < self._error_rate:
+            raise RuntimeError("injected fault (DRIFTLOOP_FAULT_ERROR_RATE)")
+        scores = self._booster.inplace_predict(X, *args, **kwargs)
+        return 1.0 - scores if self._invert else scores
 
 
 @bentoml.service(
@@ -67,13 +100,17 @@ class FraudModel:
             raise ModelError("no model tag: set DRIFTLOOP_MODEL_TAG or serve a built Bento")
         self.settings = settings
         self.model = registry.load_model(tag)
+        if settings.fault_error_rate or settings.fault_latency_ms or settings.fault_invert_scores:
+            self.model = self.model.model_copy(
+                update={"booster": FaultInjectingBooster(self.model.booster, settings)}
+            )
         self.predictions = predlog.PredictionLog(settings)
         self.labels = predlog.LabelLog(settings)
         self.predictions.start()
         self.labels.start()
         self.scorer = Scorer(
             self.model,
-            FeastOnlineReader(settings),
+            FastOnlineReader(settings),
             self.predictions,
             model_name=settings.model_name,
             arm=settings.arm,

@@ -208,6 +208,294 @@ def webhook(
     uvicorn.run(app_, host=settings.host, port=port, log_level="warning", access_log=False)
 
 
+@app.command()
+def up(
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Prefect server port (default: free)")
+    ] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the running stack (by PID)")] = False,
+) -> None:
+    """Start a local Prefect server, deploy prefect.yaml and start a process worker."""
+    import os
+
+    from driftloop import local_stack
+
+    settings = _settings()
+    if stop:
+        stopped = local_stack.down(settings.state_dir)
+        if stopped is None:
+            console.print(f"no stack recorded under {settings.state_dir.resolve()}")
+        else:
+            console.print(
+                f"stopped worker (pid {stopped.worker_pid}) and server (pid {stopped.server_pid})"
+            )
+        return
+    # flow runs start in the checkout (prefect.yaml's pull step): pass absolute locations
+    env = {k: v for k, v in os.environ.items() if k.startswith("DRIFTLOOP_")}
+    env["DRIFTLOOP_STATE_DIR"] = str(settings.state_dir.resolve())
+    env["DRIFTLOOP_FEAST_REPO"] = str(settings.feast_repo.resolve())
+    if "BENTOML_HOME" in os.environ:
+        env["BENTOML_HOME"] = os.environ["BENTOML_HOME"]
+    t0 = time.perf_counter()
+    with console.status("starting the Prefect server, the worker and the deployments"):
+        info = local_stack.up(settings.state_dir, env, port=port)
+    console.print(f"driftloop stack up in {time.perf_counter() - t0:.0f} s")
+    console.print(f"  Prefect UI   {info.ui_url}")
+    console.print(f"  Prefect API  {info.api_url}")
+    console.print(f"  worker       pool {info.pool!r}, pid {info.worker_pid}")
+    console.print(f"  server       pid {info.server_pid}, home {info.prefect_home}")
+    console.print(f"  use it:      export PREFECT_API_URL={info.api_url}")
+    console.print(f"               export DRIFTLOOP_PREFECT_API_URL={info.api_url}")
+    console.print("  stop with:   driftloop up --stop")
+
+
+# -- rollout: status, promote, rollback, weights, serve ------------------------------
+
+
+def _rollout_runner(settings: Settings) -> Any:  # driftloop.canary.RolloutRunner
+    import os
+
+    from driftloop.canary import RolloutRunner
+    from driftloop.plane.local import LocalPlane
+
+    api_url = settings.prefect_api_url or os.environ.get("PREFECT_API_URL")
+    return RolloutRunner(settings, LocalPlane(settings), api_url=api_url)
+
+
+def _print_transition(record: Any) -> None:
+    state = record.state
+    last = state.history[-1]
+    console.print(
+        f"{last.event.rsplit('.', 1)[-1]} by {last.actor}: {last.from_phase.value} -> "
+        f"{last.to_phase.value}, weights {dict(last.weights)}; {last.reason}"
+    )
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Arms with their roles, weights and health; the rollout phase; the last incident."""
+    from driftloop.canary import status_report
+
+    report = status_report(_rollout_runner(_settings()))
+    if as_json:
+        console.print_json(report.model_dump_json())
+        return
+    title = f"{report.model_name}: {report.phase}"
+    if report.incident_id:
+        title += f" (incident {report.incident_id})"
+    table = Table(title=title)
+    for col in ("arm", "role", "bento", "weight %", "shadow", "status", "endpoint"):
+        table.add_column(col, overflow="fold")
+    for a in report.arms:
+        table.add_row(
+            a.name,
+            a.role,
+            a.bento_tag,
+            str(a.weight),
+            "yes" if a.shadow else "",
+            a.status,
+            a.endpoint or "-",
+        )
+    console.print(table)
+    r = report.rollout
+    if r:
+        last = (r.get("last_analysis") or {}).get("reason") or r.get("last_transition") or "-"
+        console.print(
+            f"rollout of {r['challenger']}: {r['phase']}, step {r['step']} of {r['steps']}, "
+            f"canary {r['canary_percent']} %; last: {last}"
+        )
+    if report.last_incident:
+        i = report.last_incident
+        console.print(
+            f"last incident {i['incident_id']}: {i['action']} at {i['at'][:19]} "
+            f"by {i['actor']}: {i['reason']}"
+        )
+
+
+@app.command()
+def promote(
+    reason: Annotated[str, typer.Option(help="why, for the ledger")] = "manual promote",
+) -> None:
+    """Promote the canary to 100 % now (ledger: actor human)."""
+    _print_transition(_rollout_runner(_settings()).manual("promote", reason=reason))
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="why, for the ledger")] = "manual rollback",
+) -> None:
+    """Roll back to the last known good champion (ledger: actor human)."""
+    _print_transition(_rollout_runner(_settings()).manual("rollback", reason=reason))
+
+
+@app.command()
+def weights(
+    split: Annotated[
+        list[str], typer.Argument(help="arm=percent pairs: champion=90 canary=10 (or arm names)")
+    ],
+    reason: Annotated[str, typer.Option(help="why, for the ledger")] = "manual weights",
+) -> None:
+    """Set the champion/canary split by hand (ledger: actor human)."""
+    parsed: dict[str, int] = {}
+    for item in split:
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise typer.BadParameter(f"{item!r} is not arm=percent", param_hint="SPLIT")
+        parsed[name.strip()] = int(value)
+    _print_transition(_rollout_runner(_settings()).manual("weights", weights=parsed, reason=reason))
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="router port")] = 3000,
+    bento: Annotated[
+        str | None, typer.Option(help="Bento to serve if no champion runs (default: known good)")
+    ] = None,
+) -> None:
+    """Run the champion arm (the serving plane) and the router in front of it.
+
+    The arms belong to the plane and keep running when the router stops; a later
+    `driftloop serve` reattaches to them.
+    """
+    import os
+    import subprocess
+
+    from driftloop.bento import project_root
+    from driftloop.errors import ServingError
+
+    settings = _settings()
+    runner = _rollout_runner(settings)
+    with console.status("starting the champion arm"):
+        champion = runner.ensure_champion(bento)
+    root = project_root()
+    if not (root / "bentos" / "router.py").exists():
+        raise ServingError(f"bentos/router.py not found under {root}: run from a checkout")
+    console.print(f"champion {champion.bento_tag} (arm {champion.name}) is serving")
+    console.print(f"router on http://{settings.host}:{port} (Ctrl+C stops the router only)")
+    env = {**os.environ, "DRIFTLOOP_STATE_DIR": str(settings.state_dir.resolve())}
+    cmd = [sys.executable, "-m", "bentoml", "serve", "bentos.router:Router",
+           "--host", settings.host, "--port", str(port), "--working-dir", str(root)]
+    raise typer.Exit(subprocess.call(cmd, env=env, cwd=root))
+
+
+@app.command()
+def demo(
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="drift to inject: concept_drift | covariate_shift | new_category | data_break"
+        ),
+    ] = "concept_drift",
+    speed: Annotated[
+        float | None, typer.Option(min=1, help="simulated seconds per wall second [2880]")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(min=1, max=2000, help="transactions per second [120]")
+    ] = None,
+    inject_after: Annotated[
+        float | None, typer.Option(min=0, help="seconds of traffic before the drift [40]")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=30, help="give up after this many seconds [600]")
+    ] = None,
+    monitor_interval: Annotated[
+        float | None, typer.Option(min=5, help="monitor schedule, seconds [20]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="random seed of the world [7]")] = None,
+    fail_canary: Annotated[
+        bool, typer.Option(help="start the challenger with injected errors (it must roll back)")
+    ] = False,
+    keep_running: Annotated[
+        bool, typer.Option(help="leave the stack up at the end (stop it with --stop)")
+    ] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="stop a demo left running")] = False,
+    home: Annotated[str, typer.Option(help="where demo runs are kept")] = ".driftloop/demo",
+    live: Annotated[
+        bool | None, typer.Option("--live/--no-live", help="live view (default: on a terminal)")
+    ] = None,
+) -> None:
+    """Run the whole adaptive loop on the embedded stack, inject drift, show the timeline."""
+    import warnings
+    from pathlib import Path
+
+    from driftloop.demo import FAIL_CANARY_ENV, DemoOptions, run_demo, stop_demo
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party noise
+
+    if stop:
+        if stop_demo(Path(home), console=console) is None:
+            console.print(f"no demo run under {home}")
+        return
+    given = {
+        "speed": speed,
+        "rate": rate,
+        "inject_after_seconds": inject_after,
+        "timeout_seconds": timeout,
+        "monitor_interval_seconds": monitor_interval,
+        "seed": seed,
+    }
+    options = DemoOptions(
+        home=Path(home),
+        scenario=scenario,
+        keep_running=keep_running,
+        live_view=live,
+        canary_env=dict(FAIL_CANARY_ENV) if fail_canary else {},
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    result = run_demo(get_settings(), options=options, console=console)
+    d = result.timeline.durations if result.timeline is not None else None
+    console.print(
+        f"[bold]{result.outcome}[/] in {result.wall_seconds:.0f} s "
+        f"(set-up {result.setup_seconds:.0f} s)"
+        + (f"; time to mitigate {d.mitigate:.0f} s" if d and d.mitigate is not None else "")
+    )
+    if result.outcome not in ("promoted", "rolled_back"):
+        raise typer.Exit(3)
+
+
+@app.command()
+def timeline(
+    incident: Annotated[str, typer.Argument(help="incident id, or 'latest'")] = "latest",
+    home: Annotated[str, typer.Option(help="where demo runs are kept")] = ".driftloop/demo",
+    api_url: Annotated[
+        str | None, typer.Option(help="rebuild from this Prefect API (default: saved timeline)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show an incident's timeline again (saved by the demo, or rebuilt from Prefect)."""
+    from datetime import timedelta
+    from pathlib import Path
+
+    from driftloop import timeline as tl
+    from driftloop.ledger import Ledger
+
+    settings = _settings()
+    url = api_url or settings.prefect_api_url
+    if url:
+        since = datetime.now(UTC) - timedelta(days=7)
+        evs, runs = tl.collect(url, since)
+        t = tl.build_timeline(
+            evs,
+            model_name=settings.model_name,
+            incident_id=None if incident == "latest" else incident,
+            flow_runs=runs,
+            ledger=Ledger.for_settings(settings).entries(model_name=settings.model_name),
+        )
+    else:
+        path = tl.find_saved(Path(home), incident)
+        if path is None:
+            raise typer.BadParameter(f"no saved timeline for {incident!r} under {home}")
+        t = tl.load(path)
+    if as_json:
+        console.print_json(t.model_dump_json())
+        return
+    console.print(tl.rich_table(t))
+    for note in t.notes:
+        console.print(f"  - {note}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -56,3 +56,28 @@ PREDLOG_BACKLOG = Gauge(
 FEEDBACK = Counter(
     "driftloop_feedback_total", "Labels received by outcome", ["model", "outcome"]
 )
+
+# -- router and rollout (bentos/router.py) ------------------------------------------
+ROUTER_REQUESTS = Counter(
+    "driftloop_router_requests_total",
+    "Requests the router sent to an arm, by outcome: ok, error (the arm answered with an "
+    "error), fallback (the arm did not answer; the champion served the request)",
+    ["model", "arm", "version", "outcome"],
+)
+ROUTER_LATENCY = Histogram(
+    "driftloop_router_latency_seconds",
+    "End-to-end latency seen by the router, per arm chosen (retries included)",
+    ["model", "arm"],
+    buckets=_LATENCY_BUCKETS,
+)
+ROLLOUT_WEIGHT = Gauge(
+    "driftloop_rollout_weight",
+    "Traffic weight of an arm in percent (0-100), as the router applies it",
+    ["model", "arm", "version"],
+    multiprocess_mode="livemax",
+)
+ROLLOUT_BREACHES = Counter(
+    "driftloop_rollout_breaches_total",
+    "Automatic rollbacks of a canary, by the check it breached",
+    ["model", "reason"],
+)

@@ -220,3 +220,26 @@ def set_stage(tag: str, stage: str) -> None:
     # ModelInfo is frozen in BentoML; rewrite model.yaml through its own API.
     object.__setattr__(info, "labels", labels)
     model.flush()
+
+
+def update_lineage(tag: str, **fields: Any) -> Lineage:
+    """Add or change lineage fields of a saved model (e.g. its gate verdict); return it."""
+    import bentoml
+
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as exc:
+        raise ModelError(f"model {tag!r} is not in the BentoML store") from exc
+    info = model.info
+    metadata = dict(info.metadata)
+    lineage = lineage_of(metadata).model_copy(update=fields)
+    metadata["lineage"] = lineage.model_dump_json()
+    object.__setattr__(info, "metadata", metadata)
+    model.flush()
+    return lineage
+
+
+def champion_tag(name: str) -> str | None:
+    """The newest version of ``name`` whose stage is ``champion``, or None."""
+    champions = [m for m in list_models(name) if m.stage == "champion"]
+    return champions[-1].tag if champions else None

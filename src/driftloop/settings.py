@@ -88,6 +88,18 @@ class Settings(BaseSettings):
     rollout_bake_seconds: Annotated[float, Field(gt=0)] = 60.0
     rollout_min_samples: Annotated[int, Field(ge=1)] = 200
 
+    # fault injection, for tests and drills only: all off by default. A model arm started
+    # with these misbehaves on purpose (bentos/service.py), to exercise the rollback path.
+    fault_error_rate: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="TEST ONLY: share of scoring calls that fail with a 500"
+    )
+    fault_latency_ms: Annotated[float, Field(ge=0, le=60_000)] = Field(
+        default=0.0, description="TEST ONLY: extra latency added to every scoring call"
+    )
+    fault_invert_scores: bool = Field(
+        default=False, description="TEST ONLY: answer 1 - score (a model gone bad)"
+    )
+
     @field_validator("data_root")
     @classmethod
     def _data_root_not_empty(cls, v: str) -> str:

@@ -1,0 +1,214 @@
+"""The demo end to end: ``driftloop demo`` in a compressed mode, as a user runs it.
+
+Each test runs the CLI in a subprocess with ``--keep-running`` (so the Prefect server
+is still up to be asked), then asserts from the server's events and the promotion
+ledger that one incident went drift -> retrain -> registered -> rollout steps ->
+promoted (or, with a challenger forced to fail, rolled back), that no acknowledged
+prediction is missing from Delta, and that no automation action failed; finally
+``driftloop demo --stop`` stops everything by PID and the test checks it did.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from driftloop import events
+from driftloop.demo import DemoRun, latest_run, load_run
+from driftloop.ledger import Ledger
+from driftloop.plane.base import desired_state_path, load_desired_state
+from driftloop.settings import Settings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+#: a compressed demo: shorter stream before the drift, faster monitor
+FAST = [
+    "--no-live",
+    "--keep-running",
+    "--inject-after", "25",
+    "--monitor-interval", "15",
+    "--timeout", "540",
+]  # fmt: skip
+
+
+def _demo(home: Path, *extra: str, timeout: float = 660) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DRIFTLOOP_", "PREFECT_"))}
+    env["BENTOML_DO_NOT_TRACK"] = "True"
+    env.pop("BENTOML_HOME", None)
+    return subprocess.run(
+        [sys.executable, "-m", "driftloop.cli", "demo", "--home", str(home), *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
+
+
+@pytest.fixture
+def demo_run(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[DemoRun, str]]:
+    """Run the demo with the test's extra arguments; stop it by PID afterwards."""
+    extra = getattr(request, "param", [])
+    home = tmp_path / "demo"
+    started = time.monotonic()
+    done = _demo(home, *FAST, *extra)
+    wall = time.monotonic() - started
+    run_dir = latest_run(home)
+    assert run_dir is not None, done.stdout[-3000:] + done.stderr[-3000:]
+    run = load_run(run_dir)
+    output = (
+        f"exit {done.returncode} after {wall:.0f} s\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    )
+    try:
+        yield run, output
+    finally:
+        stopped = _demo(home, "--stop", timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        time.sleep(1.0)
+        for rec in (run.server, run.worker, run.router):
+            assert rec is None or not _pid_alive(rec.pid), f"{rec.name} (pid {rec.pid}) still runs"
+
+
+def _incident_events(run: DemoRun) -> list[events.ReceivedEvent]:
+    assert run.api_url and run.incident_id, "the demo recorded no incident"
+    since = run.started_at - timedelta(seconds=5)
+    return events.read_events(
+        run.api_url, prefix="driftloop.", since=since, incident_id=run.incident_id
+    )
+
+
+def _settings(run: DemoRun) -> Settings:
+    return Settings(
+        data_root=run.env["DRIFTLOOP_DATA_ROOT"],
+        state_dir=Path(run.env["DRIFTLOOP_STATE_DIR"]),
+        model_name=run.model_name,
+    )
+
+
+def _assert_nothing_lost(run: DemoRun) -> None:
+    from driftloop import predlog
+
+    acked = [
+        line for line in (Path(run.run_dir) / "acknowledged.txt").read_text().splitlines() if line
+    ]
+    assert len(acked) > 1000
+    frame = predlog.read_predictions(
+        _settings(run), run.started_at - timedelta(minutes=1), run.started_at + timedelta(hours=1)
+    )
+    missing = set(acked) - set(frame["request_id"].to_list())
+    assert not missing, f"{len(missing)} acknowledged predictions missing from Delta"
+
+
+def _assert_no_failed_actions(run: DemoRun) -> None:
+    log = Path(run.run_dir) / "prefect" / "server.log"
+    failed = [
+        line for line in log.read_text(errors="replace").splitlines() if "Action failed" in line
+    ]
+    assert not failed, "\n".join(failed)
+
+
+def _order(evs: list[events.ReceivedEvent], names: list[str]) -> list[str]:
+    """The names of ``evs`` in time order, keeping only ``names`` and collapsing repeats."""
+    out: list[str] = []
+    for e in sorted(evs, key=lambda e: e.occurred):
+        short = e.event.removeprefix("driftloop.")
+        if short in names and (not out or out[-1] != short):
+            out.append(short)
+    return out
+
+
+def test_demo_promotes_the_retrained_model(demo_run: tuple[DemoRun, str]) -> None:
+    run, output = demo_run
+    assert run.outcome == "promoted", output
+    evs = _incident_events(run)
+    assert {e.incident_id for e in evs} == {run.incident_id}
+    flow = _order(
+        evs,
+        [
+            "drift.detected",
+            "performance.degraded",
+            "model.registered",
+            "rollout.started",
+            "rollout.stepped",
+            "rollout.promoted",
+        ],
+    )
+    alarm = flow[0]
+    assert alarm in ("drift.detected", "performance.degraded"), flow
+    rest = [f for f in flow if f not in ("drift.detected", "performance.degraded")]
+    assert rest[:2] == ["model.registered", "rollout.started"], flow
+    assert rest[-1] == "rollout.promoted" and "rollout.stepped" in rest, flow
+    injected = run.injected_at
+    assert injected is not None
+    first_alarm = min(e.occurred for e in evs if e.event.endswith(alarm))
+    assert first_alarm > injected
+    one_each = [
+        "driftloop.model.registered",
+        "driftloop.rollout.started",
+        "driftloop.rollout.promoted",
+    ]
+    assert all(sum(e.event == n for e in evs) == 1 for n in one_each)
+
+    ledger = Ledger.for_settings(_settings(run))
+    assert [e.action for e in ledger.entries(model_name=run.model_name)][0] == "baseline"
+    actions = [e.action for e in ledger.entries(incident_id=run.incident_id)]
+    assert actions[0] == "started" and "stepped" in actions and "promoted" in actions, actions
+    assert actions.index("promoted") > actions.index("stepped")
+
+    # the registered challenger now serves everything
+    registered = next(e for e in evs if e.event == "driftloop.model.registered")
+    desired = load_desired_state(desired_state_path(_settings(run).state_dir, run.model_name))
+    assert desired is not None
+    champion = desired.champion()
+    assert champion is not None
+    assert desired.arms[champion].bento_tag == registered.payload["bento_tag"]
+    assert desired.weights.get(champion) == 100
+
+    _assert_nothing_lost(run)
+    _assert_no_failed_actions(run)
+    timeline = Path(run.timeline_path or "")
+    assert timeline.with_suffix(".md").exists() and timeline.with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("demo_run", [["--fail-canary"]], indirect=True)
+def test_a_failing_canary_is_rolled_back(demo_run: tuple[DemoRun, str]) -> None:
+    run, output = demo_run
+    assert run.outcome == "rolled_back", output
+    evs = _incident_events(run)
+    flow = _order(evs, ["model.registered", "rollout.started", "rollout.rolled_back"])
+    assert flow == ["model.registered", "rollout.started", "rollout.rolled_back"], flow
+    assert not [e for e in evs if e.event == "driftloop.rollout.promoted"]
+    rolled = next(e for e in evs if e.event == "driftloop.rollout.rolled_back")
+    assert "error_rate" in str(rolled.payload.get("reason")) + str(rolled.payload.get("analysis"))
+
+    ledger = Ledger.for_settings(_settings(run))
+    actions = [e.action for e in ledger.entries(incident_id=run.incident_id)]
+    assert actions[0] == "started" and actions[-1] in ("rolled_back", "aborted"), actions
+    baseline = ledger.entries(model_name=run.model_name)[0]
+    desired = load_desired_state(desired_state_path(_settings(run).state_dir, run.model_name))
+    assert desired is not None
+    champion = desired.champion()
+    assert champion is not None
+    assert desired.arms[champion].bento_tag == baseline.champion_tag  # the old champion stays
+    assert desired.weights.get(champion) == 100
+
+    _assert_nothing_lost(run)
+    _assert_no_failed_actions(run)
