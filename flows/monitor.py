@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
+from typing import TypeVar, cast
 
 import polars as pl
 from prefect import flow, get_run_logger, task
@@ -28,6 +29,8 @@ from driftloop.errors import ConfigError
 from driftloop.evidently_report import EvidentlyResult
 from driftloop.monitoring import ChampionReference, MonitorParams, MonitorResult, Window
 from driftloop.settings import Settings, get_settings
+
+T = TypeVar("T")
 
 
 @task(retries=2, retry_delay_seconds=5)
@@ -104,6 +107,11 @@ def emit(api_url: str, result: MonitorResult) -> list[str]:
     return monitoring.emit_events(api_url, result)
 
 
+def _as_is(value: T) -> T:
+    """Pass a large input to a task as it is: Prefect does not walk it (seconds saved)."""
+    return cast(T, quote(value))
+
+
 def _api_url(settings: Settings) -> str:
     from prefect.settings import get_current_settings
 
@@ -119,18 +127,17 @@ def monitor(params: MonitorParams | None = None) -> MonitorResult:
     params = (params or MonitorParams()).resolve(settings)
     champion = load_reference(params)
     window = load_window(settings, params, datetime.now(UTC), champion.version)
-    # quote(): large inputs are passed as they are, not walked by Prefect (seconds saved)
-    big = {"champion": quote(champion), "window": quote(window)}
+    champ, win = _as_is(champion), _as_is(window)  # not walked by Prefect
     report = None
     if params.report == "always" and window.info.rows >= params.min_rows:
-        report = write_report.submit(**big, params=params, settings=settings)  # alongside judge
-    result = judge(**big, params=params, settings=settings)
+        report = write_report.submit(champ, win, params, settings)  # runs alongside judge
+    result = judge(champ, win, params, settings)
     if report is None and monitoring.should_report(result, params.report):
-        report = write_report.submit(**big, params=params, settings=settings)
+        report = write_report.submit(champ, win, params, settings)
     result = result.with_report(report.result() if report is not None else None)
-    result = publish(quote(result), params, settings)
+    result = publish(_as_is(result), params, settings)
     if params.emit:
-        emit(_api_url(settings), quote(result))
+        emit(_api_url(settings), _as_is(result))
     print(
         f"{result.model_name}: {result.verdict} on {result.window.rows} rows; "
         f"incident {result.incident_id}; {'; '.join(result.reasons) or 'no alert'}"

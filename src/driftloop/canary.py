@@ -362,6 +362,7 @@ class RolloutRunner:
         api_url: str | None = None,
         ledger: Ledger | None = None,
         clock: Callable[[], datetime] = _now,
+        record_stages: bool = True,
     ) -> None:
         self.settings = settings
         self.plane = plane
@@ -370,6 +371,7 @@ class RolloutRunner:
         self.ledger = ledger or Ledger.for_settings(settings)
         self.store = RolloutStore(settings.state_dir, self.model)
         self.clock = clock
+        self.record_stages = record_stages  # registry stage labels follow what serves
         self._unready: dict[str, int] = {}
 
     # -- the champion -----------------------------------------------------------------
@@ -651,12 +653,18 @@ class RolloutRunner:
         emits = self.plane.apply(actions, env=record.canary_env) if actions else []
         for transition in new.history[len(record.state.history) :]:
             self.ledger.append_transition(new, transition)
-            self._record_stages(record, new, transition.event, transition.from_phase)
+            if self.record_stages:
+                self._record_stages(record, new, transition.event, transition.from_phase)
         changes: dict[str, Any] = {"state": new}
         if analysis is not None:
             changes["last_analysis"] = analysis.summary()
             changes["last_analysed_at"] = analysed_at
-        if new.step_started_at != record.state.step_started_at:
+        old = record.state
+        if (new.phase, new.step_index, new.step_started_at) != (
+            old.phase,
+            old.step_index,
+            old.step_started_at,
+        ):  # a new step (or phase): a new window, judged on what happens from now on
             changes["window_started_at"] = new.step_started_at
             changes["baseline"] = read_counters(self.settings.state_dir, self.model)
         record = record.model_copy(update=changes)

@@ -176,6 +176,8 @@ __all__ = [
 
 Verdict = Literal["ok", "drift", "degraded", "quality_failed", "insufficient"]
 ReportMode = Literal["always", "on_alert", "never"]
+MetricName = Literal["precision", "recall", "f1", "roc_auc", "pr_auc"]
+_DEFAULT_METRICS: tuple[MetricName, ...] = ("recall", "precision", "roc_auc", "pr_auc")
 
 #: columns :func:`driftloop.predlog.attach_labels` adds to a window
 LABEL_COLUMNS: tuple[str, ...] = ("label", "label_id", "label_observed_at", "label_received_at")
@@ -270,8 +272,8 @@ class MonitorParams(BaseModel):
     performance_alpha: Annotated[float, Field(gt=0, lt=0.5)] = Field(
         default=0.01, description="Significance level of the performance test (Bonferroni-split)"
     )
-    performance_metrics: list[Literal["precision", "recall", "f1", "roc_auc", "pr_auc"]] = Field(
-        default_factory=lambda: list(DEFAULT_METRICS),
+    performance_metrics: list[MetricName] = Field(
+        default_factory=lambda: list(_DEFAULT_METRICS),
         min_length=1,
         description="Metrics compared with the holdout baseline",
     )
@@ -1055,8 +1057,8 @@ class MonitorResult(BaseModel):
         out = [
             PlannedEvent(
                 name=ev.EventName.MONITOR_COMPLETED,
-                payload=ev.MonitorCompleted(
-                    **common, verdict=self.verdict, incident_id=self.incident_id
+                payload=ev.MonitorCompleted.model_validate(
+                    {**common, "verdict": self.verdict, "incident_id": self.incident_id}
                 ),
                 event_id=self._event_id(ev.EventName.MONITOR_COMPLETED),
             )
@@ -1065,17 +1067,19 @@ class MonitorResult(BaseModel):
             out.append(
                 PlannedEvent(
                     name=ev.EventName.DATA_QUALITY_FAILED,
-                    payload=ev.DataQualityFailed(
-                        model_name=self.model_name,
-                        failed_checks=self.quality.failed_checks or ["unknown"],
-                        report_path=self.report_path,
-                        window_start=w.start,
-                        window_end=w.end,
-                        rows=w.rows,
-                        reasons=self.quality.reasons,
-                        failed_columns=self.quality.failed_columns,
-                        model_tag=self.model_tag,
-                        predictions_version=w.predictions_version,
+                    payload=ev.DataQualityFailed.model_validate(
+                        {
+                            "model_name": self.model_name,
+                            "failed_checks": self.quality.failed_checks or ["unknown"],
+                            "report_path": self.report_path,
+                            "window_start": w.start,
+                            "window_end": w.end,
+                            "rows": w.rows,
+                            "reasons": self.quality.reasons,
+                            "failed_columns": self.quality.failed_columns,
+                            "model_tag": self.model_tag,
+                            "predictions_version": w.predictions_version,
+                        }
                     ),
                     event_id=self._event_id(ev.EventName.DATA_QUALITY_FAILED),
                 )
@@ -1086,11 +1090,15 @@ class MonitorResult(BaseModel):
             out.append(
                 PlannedEvent(
                     name=ev.EventName.DRIFT_DETECTED,
-                    payload=ev.DriftDetected(
-                        **common,
-                        incident_id=self.incident_id,
-                        new_categories=drift.new_categories,
-                        prediction_drifted=bool(drift.prediction and drift.prediction.drifted),
+                    payload=ev.DriftDetected.model_validate(
+                        {
+                            **common,
+                            "incident_id": self.incident_id,
+                            "new_categories": drift.new_categories,
+                            "prediction_drifted": bool(
+                                drift.prediction and drift.prediction.drifted
+                            ),
+                        }
                     ),
                     event_id=self._event_id(ev.EventName.DRIFT_DETECTED),
                 )
@@ -1101,22 +1109,25 @@ class MonitorResult(BaseModel):
             out.append(
                 PlannedEvent(
                     name=ev.EventName.PERFORMANCE_DEGRADED,
-                    payload=ev.PerformanceDegraded(
-                        model_name=self.model_name,
-                        incident_id=self.incident_id,
-                        metric=worst.metric,
-                        value=worst.value,
-                        baseline=worst.baseline,
-                        window=ev.TimeWindow(
-                            start=w.performance_start or w.start, end=w.performance_end or w.end
-                        ),
-                        drops=[c.model_dump() for c in self.performance_check.drops],
-                        reason=self.performance_check.reason,
-                        n_labelled=self.performance.n_labelled,
-                        n_positives=self.performance.n_positives,
-                        labels_as_of=w.labels_as_of,
-                        model_tag=self.model_tag,
-                        report_path=self.report_path,
+                    payload=ev.PerformanceDegraded.model_validate(
+                        {
+                            "model_name": self.model_name,
+                            "incident_id": self.incident_id,
+                            "metric": worst.metric,
+                            "value": worst.value,
+                            "baseline": worst.baseline,
+                            "window": {
+                                "start": w.performance_start or w.start,
+                                "end": w.performance_end or w.end,
+                            },
+                            "drops": [c.model_dump() for c in self.performance_check.drops],
+                            "reason": self.performance_check.reason,
+                            "n_labelled": self.performance.n_labelled,
+                            "n_positives": self.performance.n_positives,
+                            "labels_as_of": w.labels_as_of,
+                            "model_tag": self.model_tag,
+                            "report_path": self.report_path,
+                        }
                     ),
                     event_id=self._event_id(ev.EventName.PERFORMANCE_DEGRADED),
                 )

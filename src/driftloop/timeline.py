@@ -498,14 +498,19 @@ def rich_table(t: Timeline) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def metric_series(frame: pl.DataFrame, bucket_seconds: float = 10.0) -> pl.DataFrame:
+def metric_series(
+    frame: pl.DataFrame, bucket_seconds: float = 10.0, *, smooth: int = 1, min_positives: int = 1
+) -> pl.DataFrame:
     """Labelled accuracy, recall and precision per time bucket of ``received_at``.
 
     ``frame``: predictions with ``received_at``, ``decision`` and ``label`` (null when
-    no label arrived; those rows count only in ``rows``). Pure.
+    no label arrived; those rows count only in ``rows``). ``smooth`` > 1 pools each
+    bucket with the ``smooth - 1`` before it (a trailing window, counts summed before
+    the ratios); recall and precision need ``min_positives`` in their denominator.
+    Pure.
     """
-    if bucket_seconds <= 0:
-        raise ValueError("bucket_seconds must be > 0")
+    if bucket_seconds <= 0 or smooth < 1 or min_positives < 1:
+        raise ValueError("bucket_seconds must be > 0, smooth and min_positives >= 1")
     needed = {"received_at", "decision", "label"}
     if missing := needed - set(frame.columns):
         raise DataError(f"predictions frame lacks {sorted(missing)}")
@@ -513,6 +518,7 @@ def metric_series(frame: pl.DataFrame, bucket_seconds: float = 10.0) -> pl.DataF
     lab = pl.col("label").is_not_null()
     dec = pl.col("decision").cast(pl.Int64) == 1
     pos = pl.col("label").cast(pl.Int64) == 1
+    counts = ("rows", "labelled", "correct", "tp", "fn", "fp")
     out = (
         frame.sort("received_at")
         .group_by_dynamic("received_at", every=every, label="left")
@@ -524,18 +530,17 @@ def metric_series(frame: pl.DataFrame, bucket_seconds: float = 10.0) -> pl.DataF
             fn=(lab & ~dec & pos).sum(),
             fp=(lab & dec & ~pos).sum(),
         )
-        .with_columns(
-            accuracy=pl.when(pl.col("labelled") > 0).then(pl.col("correct") / pl.col("labelled")),
-            recall=pl.when(pl.col("tp") + pl.col("fn") > 0).then(
-                pl.col("tp") / (pl.col("tp") + pl.col("fn"))
-            ),
-            precision=pl.when(pl.col("tp") + pl.col("fp") > 0).then(
-                pl.col("tp") / (pl.col("tp") + pl.col("fp"))
-            ),
-        )
-        .rename({"received_at": "at"})
     )
-    return out
+    if smooth > 1:
+        out = out.with_columns(
+            pl.col(c).rolling_sum(window_size=smooth, min_samples=1) for c in counts
+        )
+    tp, fn, fp = pl.col("tp"), pl.col("fn"), pl.col("fp")
+    return out.with_columns(
+        accuracy=pl.when(pl.col("labelled") > 0).then(pl.col("correct") / pl.col("labelled")),
+        recall=pl.when(tp + fn >= min_positives).then(tp / (tp + fn)),
+        precision=pl.when(tp + fp >= min_positives).then(tp / (tp + fp)),
+    ).rename({"received_at": "at"})
 
 
 _MARKED = {
@@ -571,15 +576,15 @@ def write_chart(series: pl.DataFrame, t: Timeline, png: Path, html: Path) -> tup
     ax.set_ylabel("share")
     ax.set_xlabel("time (UTC)")
     ax.set_title(title)
-    for i, m in enumerate(marks):
+    for m in marks:
         ax.axvline(m.at, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(
-            m.title,
-            xy=(m.at, 1.02 - 0.07 * (i % 6)),
+            m.title.replace(" (incident opened)", ""),
+            xy=(m.at, 0.02),
             fontsize=7,
-            rotation=0,
-            ha="left",
-            va="top",
+            rotation=90,
+            ha="right",
+            va="bottom",
             color="#333333",
         )
     ax.legend(loc="lower left")

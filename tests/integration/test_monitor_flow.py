@@ -219,6 +219,7 @@ def of(events: list[ev.ReceivedEvent], name: ev.EventName) -> list[ev.ReceivedEv
     return [e for e in events if e.event == name]
 
 
+@pytest.mark.slow
 def test_stable_stream_raises_no_alert_over_ten_windows(
     world, prefect_api_url: str, tmp_path: Path, use_settings
 ) -> None:
@@ -244,6 +245,7 @@ def test_stable_stream_raises_no_alert_over_ten_windows(
     assert state.consecutive_drifted == 0 and state.incident_id is None
 
 
+@pytest.mark.slow
 def test_covariate_shift_drifts_and_incidents_follow_the_windows(
     world, prefect_api_url: str, tmp_path: Path, use_settings
 ) -> None:

@@ -398,6 +398,7 @@ def test_deploy_all_creates_every_deployment_schedule_and_trigger(
         for d, dep in ids.items():
             got = httpx.get(f"{api}/deployments/{dep}").json()
             assert got["work_pool_name"] == pool
+            assert got["job_variables"]["env"] == {"OMP_WAIT_POLICY": "PASSIVE"}
             [step] = got["pull_steps"]
             assert step["prefect.deployments.steps.set_working_directory"]["directory"] == str(REPO)
             assert bool(got["schedules"]) == (d != "rollout"), d

@@ -112,7 +112,7 @@ def rig(tmp_path: Path) -> tuple[RolloutRunner, MemoryPlane, Router, Clock]:
     settings = Settings(data_root=str(tmp_path / "data"), state_dir=tmp_path / "state")
     plane = MemoryPlane(settings.state_dir)
     clock = Clock()
-    runner = RolloutRunner(settings, plane, clock=clock)
+    runner = RolloutRunner(settings, plane, clock=clock, record_stages=False)
     runner.ensure_champion(CHAMPION)
     return runner, plane, Router(settings), clock
 

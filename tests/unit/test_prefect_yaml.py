@@ -119,6 +119,7 @@ def test_the_file_is_a_valid_prefect_project(config: dict[str, Any]) -> None:
     }
     for d in model.deployments:
         assert d.work_pool is not None and d.work_pool.name == "driftloop"
+        assert d.work_pool.job_variables["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_every_flow_file_has_a_deployment(config: dict[str, Any]) -> None:

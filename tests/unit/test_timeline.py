@@ -267,3 +267,14 @@ def test_the_chart_files(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = html.read_text()
     assert "<html>" in text and "plotly" in text.lower() and "promoted" in text
+
+
+def test_metric_series_smoothing_pools_trailing_buckets() -> None:
+    s = tl.metric_series(predictions(), bucket_seconds=5, smooth=2, min_positives=4)
+    # buckets of 5 s, each pooled with the one before: 5, 10, 10 and 10 rows
+    assert s["rows"].to_list() == [5, 10, 10, 10]
+    assert s["labelled"].to_list() == [5, 10, 10, 5]
+    # 3 frauds in the first bucket (< 4: no recall); then 5/5 caught, 2/5, and 3 frauds
+    assert s["recall"].to_list() == [None, 1.0, pytest.approx(2 / 5), None]
+    with pytest.raises(ValueError):
+        tl.metric_series(predictions(), smooth=0)
