@@ -9,10 +9,9 @@ is its own):
 
 * **ours**, end to end: read the window from Delta (partition pruning, labels
   joined), judge it (quality, drift against the precomputed reference profile,
-  sliding-window KS on the score, labelled performance, the N-window rule) while
-  the Evidently HTML report on a bounded sample (5k rows a side) is written
-  alongside (as the flow does), then the Prometheus textfile and the event
-  payloads (built, not sent);
+  sliding-window KS on the score, labelled performance, the N-window rule), the
+  Evidently HTML report on a bounded sample (5k rows a side), the Prometheus
+  textfile, and the event payloads (built, not sent), in the flow's order;
 * **Evidently alone**: ``DataDriftPreset`` (current API, Evidently's default tests)
   on the full window against the same reference, frames already in memory. When
   it cannot finish within ``--evidently-timeout`` seconds it is run on a random
@@ -38,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -266,36 +264,26 @@ def worker_ours(base: Path) -> dict[str, Any]:
     window = monitoring.load_window(settings, params, model_version=VERSION)
     t_read = time.perf_counter()
 
-    def timed(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
-        began = time.perf_counter()
-        return fn(*a, **kw), time.perf_counter() - began
-
-    # as in flows/monitor.py: the report (which does not depend on the verdict) runs
-    # alongside the judgement
-    with ThreadPoolExecutor(1) as pool:
-        report_future = pool.submit(
-            timed,
-            monitoring.write_report,
-            MODEL,
-            window.info,
-            profile,
-            reference,
-            window.frame,
-            settings.reports_dir,
-            sample_rows=REPORT_SAMPLE_ROWS,
-        )
-        result, judge_s = timed(
-            monitoring.judge,
-            profile,
-            baseline,
-            meta["threshold"],
-            window.frame,
-            params,
-            MonitorState(model_name=MODEL),
-            window=window.info,
-            model_tag=f"{MODEL}:{VERSION}",
-        )
-        evidently, report_s = report_future.result()
+    result = monitoring.judge(
+        profile,
+        baseline,
+        meta["threshold"],
+        window.frame,
+        params,
+        MonitorState(model_name=MODEL),
+        window=window.info,
+        model_tag=f"{MODEL}:{VERSION}",
+    )
+    t_judge = time.perf_counter()
+    evidently = monitoring.write_report(
+        MODEL,
+        window.info,
+        profile,
+        reference,
+        window.frame,
+        settings.reports_dir,
+        sample_rows=REPORT_SAMPLE_ROWS,
+    )
     result = result.with_report(evidently)
     t_report = time.perf_counter()
     monitoring.publish_metrics(result, settings.state_dir)
@@ -312,9 +300,8 @@ def worker_ours(base: Path) -> dict[str, Any]:
         "seconds": {
             "load_reference": t_ref - t,
             "read_delta": t_read - t_ref,
-            "judge": judge_s,
-            "report_sample": report_s,
-            "judge_and_report_concurrently": t_report - t_read,
+            "judge": t_judge - t_read,
+            "report_sample": t_report - t_judge,
             "metrics_and_payloads": t_end - t_report,
             "total": t_end - t,
         },
@@ -510,8 +497,8 @@ def main() -> None:
         ours["all_totals"] = [r["seconds"]["total"] for r in runs]  # type: ignore[index]
         print(
             f"   ours: {ours['seconds']['total']:.2f} s end to end "
-            f"(read {ours['seconds']['read_delta']:.2f}, judge {ours['seconds']['judge']:.2f} "
-            f"alongside report {ours['seconds']['report_sample']:.2f}; "
+            f"(read {ours['seconds']['read_delta']:.2f}, judge {ours['seconds']['judge']:.2f}, "
+            f"report {ours['seconds']['report_sample']:.2f}; "
             f"{ours['cpu_seconds']:.1f} CPU s), "
             f"peak {ours['peak_rss_mb']:.0f} MB, verdict {ours['verdict']}",
             flush=True,

@@ -250,9 +250,11 @@ def main() -> None:
                 bento_for_model(world.model_tag)
             )
             record = plane.actual().arms[champion.name]
+            from driftloop.routing import router_home
+
             router = c.start_bentoml(
                 "bentos.router:Router",
-                {**world.env, "BENTOML_HOME": world.env["BENTOML_HOME"]},
+                {"BENTOML_HOME": str(router_home(settings.state_dir, settings.model_name))},
                 root / "router.log",
             )
             print("overhead: direct vs router ...", flush=True)

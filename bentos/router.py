@@ -4,7 +4,11 @@ Same contract as the model service (``POST /predict {"transaction": ...}``,
 ``POST /predict_batch {"transactions": [...]}``); the answer is the arm's own
 answer, byte for byte, so ``arm`` and ``model_version`` say who served it.
 
-    DRIFTLOOP_STATE_DIR=... bentoml serve bentos.router:Router --port 3000
+    DRIFTLOOP_STATE_DIR=... BENTOML_HOME=<a home of its own> \
+        bentoml serve bentos.router:Router --port 3000
+
+(``driftloop serve`` does this; the router's own ``BENTOML_HOME``,
+:func:`driftloop.routing.router_home`, keeps arm starts from wiping its metrics.)
 
 - **Weights** come from the serving plane's desired state
   (``<state_dir>/plane/<model>.json``, :func:`load_desired_state`: one ``stat``
@@ -125,7 +129,7 @@ class Splitter:
         self._gauge_arms: dict[str, str] = {}
         self._dead_until: dict[str, float] = {}
         self._inflight: set[asyncio.Task[None]] = set()
-        self._warm: dict[tuple[str, str], int] = {}  # (arm, endpoint) -> warm-up answers
+        self._warm: dict[tuple[str, str], int] = {}  # (arm, endpoint) -> warm-ups sent
         self.shadow_skipped = 0
         self._dirty = True
         self._ledger_key: tuple[int, int] | None = None
@@ -232,22 +236,24 @@ class Splitter:
         rows: int,
     ) -> None:
         """Send a copy to each shadow (or warming) arm in the background, never awaited."""
+        if len(self._inflight) >= MAX_SHADOW_INFLIGHT:
+            self.shadow_skipped += 1
+            return
         for arm in self.mirrors(table):
-            if len(self._inflight) >= MAX_SHADOW_INFLIGHT:
-                self.shadow_skipped += 1
-                continue
             task = asyncio.create_task(self._mirror(table, arm, path, body, primary, rows))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
     def mirrors(self, table: RouteTable) -> list[str]:
-        """Shadow arms, plus new canaries that have not answered enough to be warm."""
-        warming = [
-            a
-            for a in table.warming
-            if self._warm.get((a, table.arms[a].endpoint), 0) < WARMUP_REQUESTS
-        ]
-        return [*table.shadow, *warming] if warming else list(table.shadow)
+        """Shadow arms, plus new canaries not yet sent their warm-up requests."""
+        out = list(table.shadow)
+        for arm in table.warming:
+            key = (arm, table.arms[arm].endpoint)
+            sent = self._warm.get(key, 0)
+            if sent < WARMUP_REQUESTS:  # a fixed number: a slow arm is not flooded
+                self._warm[key] = sent + 1
+                out.append(arm)
+        return out
 
     async def _mirror(
         self,
@@ -270,9 +276,6 @@ class Splitter:
         if status != 200:
             counters.errors += rows
             return
-        if arm in table.warming:
-            key = (arm, table.arms[arm].endpoint)
-            self._warm[key] = self._warm.get(key, 0) + rows
         try:
             parsed = orjson.loads(content)
             answers = parsed if isinstance(parsed, list) else [parsed]
@@ -445,8 +448,7 @@ class Router:
     def __init__(self) -> None:
         from driftloop.settings import get_settings
 
-        settings = get_settings()
-        settings.apply_environment()
+        settings = get_settings()  # no apply_environment(): the router has no BentoML store
         self.splitter = Splitter(
             settings.state_dir, settings.model_name, Ledger.for_settings(settings)
         )

@@ -128,13 +128,11 @@ def monitor(params: MonitorParams | None = None) -> MonitorResult:
     champion = load_reference(params)
     window = load_window(settings, params, datetime.now(UTC), champion.version)
     champ, win = _as_is(champion), _as_is(window)  # not walked by Prefect
-    report = None
-    if params.report == "always" and window.info.rows >= params.min_rows:
-        report = write_report.submit(champ, win, params, settings)  # runs alongside judge
     result = judge(champ, win, params, settings)
-    if report is None and monitoring.should_report(result, params.report):
-        report = write_report.submit(champ, win, params, settings)
-    result = result.with_report(report.result() if report is not None else None)
+    report = None
+    if monitoring.should_report(result, params.report):
+        report = write_report(champ, win, params, settings)
+    result = result.with_report(report)
     result = publish(_as_is(result), params, settings)
     if params.emit:
         emit(_api_url(settings), _as_is(result))

@@ -374,7 +374,14 @@ def serve(
         raise ServingError(f"bentos/router.py not found under {root}: run from a checkout")
     console.print(f"champion {champion.bento_tag} (arm {champion.name}) is serving")
     console.print(f"router on http://{settings.host}:{port} (Ctrl+C stops the router only)")
-    env = {**os.environ, "DRIFTLOOP_STATE_DIR": str(settings.state_dir.resolve())}
+    from driftloop.routing import router_home
+
+    env = {
+        **os.environ,
+        "DRIFTLOOP_STATE_DIR": str(settings.state_dir.resolve()),
+        # a home of its own: an arm starting empties its home's Prometheus directory
+        "BENTOML_HOME": str(router_home(settings.state_dir, settings.model_name)),
+    }
     cmd = [sys.executable, "-m", "bentoml", "serve", "bentos.router:Router",
            "--host", settings.host, "--port", str(port), "--working-dir", str(root)]
     raise typer.Exit(subprocess.call(cmd, env=env, cwd=root))

@@ -111,9 +111,11 @@ class DemoOptions(BaseModel):
     rollout_policy: dict[str, Any] = Field(
         # A challenger retrained after a concept drift scores differently by design (that
         # is the point of retraining it): its score distribution is far from the
-        # champion's (PSI > 1 measured here). The demo's canary is judged on errors,
-        # latency, decision agreement and, when measurable, labelled precision/recall.
-        default_factory=lambda: {"max_score_distance": None},
+        # champion's (PSI > 1 measured here), so the score-distance check is off. And a
+        # p99 ratio on two shared cores is noisy (1.4-1.5 measured for a healthy canary):
+        # the demo allows 3x. Errors, decision agreement and, when measurable, labelled
+        # precision/recall judge the canary as by default.
+        default_factory=lambda: {"max_score_distance": None, "max_p99_ratio": 3.0},
         description="more RolloutPolicy fields for the demo's rollouts",
     )
     monitor_params: dict[str, Any] = Field(
@@ -700,8 +702,6 @@ def _env(settings: Settings) -> dict[str, str]:
         "DRIFTLOOP_ROLLOUT_STEPS": json.dumps(settings.rollout_steps),
         "DRIFTLOOP_ROLLOUT_BAKE_SECONDS": str(settings.rollout_bake_seconds),
         "DRIFTLOOP_ROLLOUT_MIN_SAMPLES": str(settings.rollout_min_samples),
-        # one incident per demo: no cool-down left over from a false alarm before it
-        "DRIFTLOOP_RETRAIN_COOLDOWN_MINUTES": "0",
         "PYTHONUNBUFFERED": "1",
         # third-party deprecation warnings would drown the demo's output and logs
         "PYTHONWARNINGS": "ignore::DeprecationWarning",

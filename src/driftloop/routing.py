@@ -288,6 +288,16 @@ def stats_dir(state_dir: Path, model_name: str) -> Path:
     return Path(state_dir).resolve() / "router" / model_name
 
 
+def router_home(state_dir: Path, model_name: str) -> Path:
+    """A ``BENTOML_HOME`` of the router's own (it needs no model or Bento store).
+
+    Every ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it
+    starts; sharing that home with the arms would wipe the router's metrics each time
+    the plane starts an arm.
+    """
+    return Path(state_dir).resolve() / "router" / f"{model_name}-bentoml-home"
+
+
 #: counters of every router instance: instance id -> arm -> counters
 Counters = dict[str, dict[str, ArmCounters]]
 

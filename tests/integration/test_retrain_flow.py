@@ -62,7 +62,7 @@ def drift_world(world: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     # recent history, so that "the last 14 days with labels arrived by now" is all of it
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=8)
     cfg = SimulationConfig(
-        n_events=24_000,
+        n_events=40_000,
         seed=5,
         scenario="concept_drift",
         start=start,

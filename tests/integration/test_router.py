@@ -26,7 +26,7 @@ from driftloop import predlog
 from driftloop.canary import read_counters
 from driftloop.plane.local import LocalPlane, is_alive, port_accepts
 from driftloop.rollout import Role
-from driftloop.routing import WARMUP_REQUESTS, ArmCounters, RouteTable, window
+from driftloop.routing import WARMUP_REQUESTS, ArmCounters, RouteTable, router_home, window
 from driftloop.settings import Settings
 from tests.fixtures.world import REPO, Server, World, start_bentoml
 from tests.integration._traffic import send, transactions
@@ -76,7 +76,12 @@ def setup(
         working_dir=REPO,
         ready_timeout=240,
     )
-    router = RouterProc({**world.env, "DRIFTLOOP_STATE_DIR": str(settings.state_dir)}, root)
+    router_env = {
+        **world.env,
+        "DRIFTLOOP_STATE_DIR": str(settings.state_dir),
+        "BENTOML_HOME": str(router_home(settings.state_dir, "fraud")),
+    }
+    router = RouterProc(router_env, root)
     try:
         plane.deploy(CHAMP, "bentos.service:FraudModel", role=Role.CHAMPION)
         plane.deploy(CANARY, "bentos.service:FraudModel", role=Role.CANARY)
@@ -231,6 +236,9 @@ def test_dead_arm_falls_back_to_the_champion_until_the_plane_restarts_it(
     assert not plane.health()[CANARY].ready
     restarted = plane.reconcile()[CANARY]
     assert restarted.pid != record.main.pid
+    # an arm starting (it empties its BENTOML_HOME's metrics dir) leaves the router's alone
+    still = metric(router.url, "driftloop_router_requests_total")
+    assert any(dict(k)["outcome"] == "fallback" and v > 0 for k, v in still.items())
     time.sleep(1.5)  # past the router's dead-arm window
     healed = send(router.url, templates, 200, concurrency=8, prefix="h")
     table = table_of(plane)

@@ -36,7 +36,7 @@ from driftloop.events import read_events
 from driftloop.ledger import Ledger
 from driftloop.plane.local import LocalPlane
 from driftloop.rollout import RolloutPolicy
-from driftloop.routing import Arm, RouteTable
+from driftloop.routing import Arm, RouteTable, router_home
 from driftloop.settings import Settings
 from flows.rollout import rollout
 from tests.fixtures.world import Server, World, start_bentoml
@@ -115,7 +115,11 @@ def stage(
         assert baseline[0].champion_tag == champion_bento and champion.bento_tag == champion_bento
         router = start_bentoml(
             "bentos.router:Router",
-            {**world.env, "DRIFTLOOP_STATE_DIR": str(settings.state_dir)},
+            {
+                **world.env,
+                "DRIFTLOOP_STATE_DIR": str(settings.state_dir),
+                "BENTOML_HOME": str(router_home(settings.state_dir, "fraud")),
+            },
             root / "router.log",
         )
         yield Stage(
