@@ -410,7 +410,7 @@ def demo(
     monitor_interval: Annotated[
         float | None, typer.Option(min=5, help="monitor schedule, seconds [20]")
     ] = None,
-    seed: Annotated[int | None, typer.Option(min=0, help="random seed of the world [7]")] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="random seed of the world [1]")] = None,
     fail_canary: Annotated[
         bool, typer.Option(help="start the challenger with injected errors (it must roll back)")
     ] = False,

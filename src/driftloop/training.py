@@ -106,7 +106,8 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray) -> float:
         return 0.5
     precision = tp / (tp + fp)
     recall = tp / pos
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     best = int(np.argmax(f1))
     return float(s[best])
 

@@ -81,6 +81,17 @@ def _examples(model: str, incident: str) -> dict[ev.EventName, dict[str, object]
         ev.EventName.ROLLOUT_STEPPED: {**rollout, "step": 1, "verdict": "pass"},
         ev.EventName.ROLLOUT_PROMOTED: {**rollout, "step": 3, "verdict": "pass"},
         ev.EventName.ROLLOUT_ROLLED_BACK: {**rollout, "step": 2, "verdict": "fail"},
+        ev.EventName.LABELS_LANDED: {
+            "model_name": model,
+            "incident_id": incident,
+            "delivery": "d-labels-1",
+            "rows": 1200,
+        },
+        ev.EventName.DATA_LANDED: {
+            "model_name": model,
+            "incident_id": incident,
+            "delivery": "d-data-1",
+        },
     }
 
 

@@ -35,11 +35,11 @@ FAST = [
     "--keep-running",
     "--inject-after", "25",
     "--monitor-interval", "15",
-    "--timeout", "540",
+    "--timeout", "840",
 ]  # fmt: skip
 
 
-def _demo(home: Path, *extra: str, timeout: float = 660) -> subprocess.CompletedProcess[str]:
+def _demo(home: Path, *extra: str, timeout: float = 1000) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DRIFTLOOP_", "PREFECT_"))}
     env["BENTOML_DO_NOT_TRACK"] = "True"
     env.pop("BENTOML_HOME", None)
@@ -125,6 +125,16 @@ def _assert_no_failed_actions(run: DemoRun) -> None:
     assert not failed, "\n".join(failed)
 
 
+def _assert_artifact(run: DemoRun) -> None:
+    import httpx
+
+    from driftloop.timeline import artifact_key
+
+    body = {"artifacts": {"key": {"any_": [artifact_key(run.incident_id)]}}}
+    found = httpx.post(f"{run.api_url}/artifacts/filter", json=body, timeout=10).json()
+    assert found and "time to mitigate" in found[0]["data"]
+
+
 def _order(evs: list[events.ReceivedEvent], names: list[str]) -> list[str]:
     """The names of ``evs`` in time order, keeping only ``names`` and collapsing repeats."""
     out: list[str] = []
@@ -184,8 +194,9 @@ def test_demo_promotes_the_retrained_model(demo_run: tuple[DemoRun, str]) -> Non
 
     _assert_nothing_lost(run)
     _assert_no_failed_actions(run)
+    _assert_artifact(run)
     timeline = Path(run.timeline_path or "")
-    assert timeline.with_suffix(".md").exists() and timeline.with_suffix(".png").exists()
+    assert timeline.with_suffix(".md").exists() and timeline.with_suffix(".svg").exists()
 
 
 @pytest.mark.parametrize("demo_run", [["--fail-canary"]], indirect=True)
