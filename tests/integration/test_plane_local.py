@@ -106,7 +106,14 @@ def test_local_plane_lifecycle(local: tuple[Settings, Path]) -> None:
     assert info.endpoint.startswith("http://127.0.0.1:")
     body = predict(info.endpoint)
     assert body["arm"] == "arm-a" and body["echo"] == "hello"
-    assert body["home"] == str((svc_dir.parent / "bentoml").resolve())
+    # a home of its own (bentoml serve wipes its metrics dir) sharing the stores
+    home = Path(body["home"])
+    assert home == (settings.state_dir / "plane" / "homes" / "arm-a").resolve()
+    shared = (svc_dir.parent / "bentoml").resolve()
+    assert {(home / s).resolve() for s in ("bentos", "models")} == {
+        shared / "bentos",
+        shared / "models",
+    }
     health = plane.health()["arm-a"]
     assert health.ready and health.alive and health.pid == info.pid
     desired = load_desired_state(plane.desired_path)

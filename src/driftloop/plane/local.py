@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -257,8 +258,12 @@ class LocalPlane(ServingPlane):
         s = self.settings
         env = dict(os.environ)
         env["BENTOML_DO_NOT_TRACK"] = "True"
-        if s.bentoml_home is not None:
-            env["BENTOML_HOME"] = str(s.bentoml_home.resolve())
+        shared = (
+            s.bentoml_home
+            if s.bentoml_home is not None
+            else Path(env.get("BENTOML_HOME") or Path.home() / "bentoml")
+        )
+        env["BENTOML_HOME"] = str(self.arm_home(arm_name, shared))
         env["DRIFTLOOP_STATE_DIR"] = str(s.state_dir.resolve())
         env["DRIFTLOOP_MODEL_NAME"] = self.model_name
         env["DRIFTLOOP_FEAST_REPO"] = str(s.feast_repo.resolve())
@@ -270,6 +275,27 @@ class LocalPlane(ServingPlane):
         env.update(self.env)
         env.update(extra)
         return env
+
+    def arm_home(self, arm_name: str, shared: Path) -> Path:
+        """A ``BENTOML_HOME`` of the arm's own whose stores link to the shared home.
+
+        Every ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it
+        starts: arms sharing one home would wipe each other's metrics.
+        """
+        shared = Path(shared).expanduser().resolve()
+        home = plane_dir(self.settings.state_dir).resolve() / "homes" / arm_name
+        home.mkdir(parents=True, exist_ok=True)
+        for store in ("bentos", "models", "envs", "tmp"):
+            (shared / store).mkdir(parents=True, exist_ok=True)
+            link = home / store
+            if link.is_symlink() and link.resolve() == shared / store:
+                continue
+            if link.is_symlink() or link.is_file():
+                link.unlink()
+            elif link.is_dir():
+                shutil.rmtree(link)
+            link.symlink_to(shared / store, target_is_directory=True)
+        return home
 
     # -- process control -------------------------------------------------------------
     def _ready(self, host: str, port: int, timeout: float = 1.0) -> bool:
