@@ -380,9 +380,7 @@ class RolloutRunner:
         name = desired.champion()
         return ArmRef(name=name, bento_tag=desired.arms[name].bento_tag) if name else None
 
-    def ensure_champion(
-        self, bento_tag: str | None = None, *, actor: str = ACTOR_SYSTEM
-    ) -> ArmRef:
+    def ensure_champion(self, bento_tag: str | None = None, *, actor: str = ACTOR_SYSTEM) -> ArmRef:
         """The serving champion; if none is deployed, deploy ``bento_tag`` (default: the
         last known good from the ledger, else the registry's champion) at 100 % and
         record it in the ledger as the ``baseline``."""

@@ -52,7 +52,8 @@ def simulate(
     events: Annotated[int, typer.Option(min=1, max=50_000_000, help="rows to generate")] = 200_000,
     seed: Annotated[int, typer.Option(min=0, help="random seed (same seed, same stream)")] = 0,
     scenario: Annotated[
-        str, typer.Option(help="stable | covariate_shift | new_category | concept_drift | data_break")
+        str,
+        typer.Option(help="stable | covariate_shift | new_category | concept_drift | data_break"),
     ] = "stable",
     start: Annotated[str | None, typer.Option(help="first event time, ISO-8601 (UTC)")] = None,
     days: Annotated[float, typer.Option(min=0.001, max=3650, help="length of the stream")] = 14.0,
@@ -67,9 +68,16 @@ def simulate(
     from driftloop.simulate import SCENARIOS, SimulationConfig
 
     if scenario not in SCENARIOS:
-        raise typer.BadParameter(f"{scenario!r}; choose one of {', '.join(SCENARIOS)}", param_hint="--scenario")
+        raise typer.BadParameter(
+            f"{scenario!r}; choose one of {', '.join(SCENARIOS)}", param_hint="--scenario"
+        )
     settings = _settings(data_root=data_root)
-    cfg_kwargs: dict[str, Any] = {"n_events": events, "seed": seed, "scenario": scenario, "days": days}
+    cfg_kwargs: dict[str, Any] = {
+        "n_events": events,
+        "seed": seed,
+        "scenario": scenario,
+        "days": days,
+    }
     if (t := _parse_time(start, "--start")) is not None:
         cfg_kwargs["start"] = t
     if (t := _parse_time(drift_start, "--drift-start")) is not None:
@@ -382,8 +390,19 @@ def serve(
         # a home of its own: an arm starting empties its home's Prometheus directory
         "BENTOML_HOME": str(router_home(settings.state_dir, settings.model_name)),
     }
-    cmd = [sys.executable, "-m", "bentoml", "serve", "bentos.router:Router",
-           "--host", settings.host, "--port", str(port), "--working-dir", str(root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "bentos.router:Router",
+        "--host",
+        settings.host,
+        "--port",
+        str(port),
+        "--working-dir",
+        str(root),
+    ]
     raise typer.Exit(subprocess.call(cmd, env=env, cwd=root))
 
 

@@ -837,7 +837,8 @@ def _prepare_world(
         f"champion {tag}: PR AUC {m.pr_auc:.3f}, recall {m.recall:.3f}, precision "
         f"{m.precision:.3f} on {m.n:,} holdout rows ({time.monotonic() - t0:.0f} s)"
     )
-    bento_tag = build_model_bento(tag)
+    with _quiet(Path(settings.state_dir) / "bento-build.log"):  # deprecation noise
+        bento_tag = build_model_bento(tag)
     return tag, bento_tag
 
 
@@ -845,7 +846,7 @@ def _prepare_world(
 def _quiet(log: Path) -> Iterator[None]:
     """Send what third-party code prints to ``log`` (only around set-up calls)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh, contextlib.redirect_stdout(fh):
+    with log.open("a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         yield
 
 
@@ -1011,7 +1012,7 @@ def run_demo(
             label_log.start()
         traffic = LiveTraffic(
             plan,
-            router.url,
+            router.url or "",
             feedback_url,
             token,
             s,
@@ -1114,6 +1115,11 @@ def run_demo(
         for result in predlog.ship_all(s):
             del result
         missing = _missing_in_delta(s, acked, started_at)
+        settle = time.monotonic() + 60.0
+        while missing and keep and time.monotonic() < settle:
+            # arms left running ship their last sealed segments on their own clock
+            time.sleep(2.0)
+            missing = _missing_in_delta(s, acked, started_at)
         evs, runs = tl.collect(stack.api_url, started_at)
         timeline_obj = tl.build_timeline(
             evs,
@@ -1130,22 +1136,28 @@ def run_demo(
         if chart:
             files.update(chart)
         js, md = tl.save(
-            timeline_obj, reports, chart=Path(files["svg"]).name if "svg" in files else None
+            timeline_obj, reports, chart=Path(files["png"]).name if "png" in files else None
         )
         files.update(json=str(js), markdown=str(md))
         with contextlib.suppress(DriftloopError):
-            tl.publish_artifact(stack.api_url, timeline_obj, chart=files.get("svg"))
+            tl.publish_artifact(stack.api_url, timeline_obj, chart=files.get("png"))
         console.print(tl.rich_table(timeline_obj))
         for note in timeline_obj.notes:
             console.print(f"  - {note}")
         run.outcome = timeline_obj.outcome
         run.incident_id = timeline_obj.incident_id
         run.timeline_path = str(js)
-        say(f"timeline: {md}" + (f"; chart {files['svg']} and {files['html']}" if chart else ""))
+        say(f"timeline: {md}" + (f"; chart {files['png']} and {files['html']}" if chart else ""))
         if missing:
             say(f"[red]{missing} acknowledged predictions are missing from Delta[/]")
         else:
             say(f"all {len(acked):,} acknowledged predictions are in Delta")
+        if final_stats.get("errors") or final_stats.get("push_errors"):
+            say(
+                f"[yellow]{final_stats.get('errors', 0):,} requests and "
+                f"{final_stats.get('push_errors', 0):,} feature pushes failed (not acknowledged,"
+                f" so not counted above); last error: {final_stats.get('last_error')}[/]"
+            )
         outcome = timeline_obj.outcome
     except (KeyboardInterrupt, DemoInterrupted):
         say("[yellow]interrupted: stopping everything the demo started[/]")
@@ -1247,8 +1259,8 @@ def _chart(settings: Settings, t: Any, directory: Path, since: datetime) -> dict
         return {}
     series = tl.metric_series(frame, bucket_seconds=10.0, smooth=3, min_positives=10)
     stem = f"timeline-{tl._slug(t.incident_id or 'none')}"
-    svg, html = tl.write_chart(series, t, directory / f"{stem}.svg", directory / f"{stem}.html")
-    return {"svg": str(svg), "html": str(html)}
+    png, html = tl.write_chart(series, t, directory / f"{stem}.png", directory / f"{stem}.html")
+    return {"png": str(png), "html": str(html)}
 
 
 def stop_demo(home: Path, *, console: Any = None) -> DemoRun | None:

@@ -149,8 +149,10 @@ def compute_merchant_features(
         raise ValueError("smoothing must be >= 0 and fraud_window_days >= 1")
     needed = ("merchant_id", "amount", "event_timestamp", "is_fraud", "label_available_at")
     validate_frame(tx, {k: TRANSACTION_SCHEMA[k] for k in needed}, name="transactions")
-    base = tx.lazy().select(*needed).filter(
-        pl.col("merchant_id").is_not_null() & pl.col("event_timestamp").is_not_null()
+    base = (
+        tx.lazy()
+        .select(*needed)
+        .filter(pl.col("merchant_id").is_not_null() & pl.col("event_timestamp").is_not_null())
     )
     day = pl.col("event_timestamp").dt.truncate("1d")
     one_day = pl.duration(days=1)
@@ -182,20 +184,24 @@ def compute_merchant_features(
 
     # a label counts on days D in [max(tx day, label day) + 1, tx day + window]:
     # add it at the first such day, remove it the day after the last, cumulate.
-    labelled = base.filter(
-        pl.col("is_fraud").is_not_null() & pl.col("label_available_at").is_not_null()
-    ).select(
-        "merchant_id",
-        fraud=pl.col("is_fraud").cast(pl.Int64),
-        start=pl.max_horizontal(day, pl.col("label_available_at").dt.truncate("1d")) + one_day,
-        stop=day + pl.duration(days=fraud_window_days + 1),
-    ).filter(pl.col("start") < pl.col("stop"))
+    labelled = (
+        base.filter(pl.col("is_fraud").is_not_null() & pl.col("label_available_at").is_not_null())
+        .select(
+            "merchant_id",
+            fraud=pl.col("is_fraud").cast(pl.Int64),
+            start=pl.max_horizontal(day, pl.col("label_available_at").dt.truncate("1d")) + one_day,
+            stop=day + pl.duration(days=fraud_window_days + 1),
+        )
+        .filter(pl.col("start") < pl.col("stop"))
+    )
     deltas = pl.concat(
         [
-            labelled.select("merchant_id", event_timestamp="start", dn=pl.lit(1, pl.Int64),
-                            df="fraud"),
-            labelled.select("merchant_id", event_timestamp="stop", dn=pl.lit(-1, pl.Int64),
-                            df=-pl.col("fraud")),
+            labelled.select(
+                "merchant_id", event_timestamp="start", dn=pl.lit(1, pl.Int64), df="fraud"
+            ),
+            labelled.select(
+                "merchant_id", event_timestamp="stop", dn=pl.lit(-1, pl.Int64), df=-pl.col("fraud")
+            ),
         ]
     )
     per_merchant = deltas.group_by("merchant_id", "event_timestamp").agg(
@@ -403,8 +409,13 @@ def apply_repo(settings: Settings, *, isolated: bool = False, timeout: float = 3
     with _APPLY_LOCK, _repo_importable(repo, root) as modules:
         contents = RepoContents(
             projects=[Project(name=config.project, description="")],
-            data_sources=[], entities=[], feature_views=[], feature_services=[],
-            on_demand_feature_views=[], stream_feature_views=[], label_views=[],
+            data_sources=[],
+            entities=[],
+            feature_views=[],
+            feature_services=[],
+            on_demand_feature_views=[],
+            stream_feature_views=[],
+            label_views=[],
             permissions=[],
         )
 
@@ -610,11 +621,15 @@ def _join_polars(store: FeatureStore, service, query: pl.DataFrame) -> pl.DataFr
         names = [f.name for f in projection.features]
         ts = source.timestamp_field
         rows = _read_source(source.path, [key, ts, *names])
-        rows = rows.select(
-            pl.col(key).cast(pl.Int64),
-            pl.col(ts).cast(_TS).alias("__dl_ts"),
-            *[pl.col(n).cast(_FEATURE_DTYPES[n]) for n in names],
-        ).drop_nulls(["__dl_ts"]).sort("__dl_ts")
+        rows = (
+            rows.select(
+                pl.col(key).cast(pl.Int64),
+                pl.col(ts).cast(_TS).alias("__dl_ts"),
+                *[pl.col(n).cast(_FEATURE_DTYPES[n]) for n in names],
+            )
+            .drop_nulls(["__dl_ts"])
+            .sort("__dl_ts")
+        )
         tolerance = view.ttl if view.ttl and view.ttl.total_seconds() > 0 else None
         out = out.join_asof(
             rows,

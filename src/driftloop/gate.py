@@ -287,7 +287,7 @@ def _fmt(x: Any) -> str:
 def amount_band(bounds: Sequence[float]) -> pl.Expr:
     """An expression naming the amount band of each row, e.g. ``25-100`` or ``500+``."""
     edges = [0.0, *bounds]
-    expr = pl.when(pl.col("amount").is_null()).then(pl.lit("missing"))
+    expr: Any = pl.when(pl.col("amount").is_null()).then(pl.lit("missing"))
     for lo, hi in zip(edges, edges[1:], strict=False):
         expr = expr.when(pl.col("amount") < hi).then(pl.lit(f"{lo:g}-{hi:g}"))
     return expr.otherwise(pl.lit(f"{edges[-1]:g}+"))

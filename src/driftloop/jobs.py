@@ -61,7 +61,8 @@ def prepare_features(
     features.write_offline(settings, card, merchant)
     features.apply_repo(settings)
     if materialize:
-        features.materialize(settings, end=transactions["event_timestamp"].max())
+        end = transactions["event_timestamp"].max()
+        features.materialize(settings, end=end if isinstance(end, datetime) else None)
 
 
 def train_and_register(

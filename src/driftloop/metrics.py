@@ -8,7 +8,20 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.0,
+)
 _AGE_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 7 * 86_400)
 _SCORE_BUCKETS = tuple(i / 20 for i in range(1, 20))
 
@@ -53,9 +66,7 @@ PREDLOG_BACKLOG = Gauge(
     "Prediction-log records spooled locally and not yet in Delta",
     ["model", "version"],
 )
-FEEDBACK = Counter(
-    "driftloop_feedback_total", "Labels received by outcome", ["model", "outcome"]
-)
+FEEDBACK = Counter("driftloop_feedback_total", "Labels received by outcome", ["model", "outcome"])
 
 # -- router and rollout (bentos/router.py) ------------------------------------------
 ROUTER_REQUESTS = Counter(

@@ -14,7 +14,7 @@ import secrets
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import xgboost as xgb
@@ -167,7 +167,7 @@ def load_model(tag: str) -> LoadedModel:
         tag=str(model.tag),
         booster=booster,
         encoder=encoder,
-        threshold=float(meta["threshold"]),
+        threshold=float(cast(Any, meta["threshold"])),
         metadata=meta,
         path=path,
     )
@@ -201,8 +201,8 @@ def list_models(name: str) -> list[ModelInfo]:
                 version=str(m.tag.version),
                 created=str(meta.get("created", m.info.creation_time)),
                 stage=str(m.info.labels.get("stage", "candidate")),
-                metrics=meta.get("metrics", {}),
-                threshold=float(meta.get("threshold", 0.5)),
+                metrics=cast(dict[str, float], meta.get("metrics", {})),
+                threshold=float(cast(Any, meta.get("threshold", 0.5))),
                 lineage=lineage_of(meta),
             )
         )

@@ -48,9 +48,7 @@ LATENCY_EDGES_MS: tuple[float, ...] = tuple(round(0.5 * 1.2**i, 4) for i in rang
 
 #: upper edges of the score histogram: even steps on the logit scale, so the crowded
 #: low end of a fraud score (0.001..0.05) is as finely binned as the rest
-SCORE_EDGES: tuple[float, ...] = tuple(
-    1.0 / (1.0 + math.exp(-x / 4.0)) for x in range(-36, 37)
-)
+SCORE_EDGES: tuple[float, ...] = tuple(1.0 / (1.0 + math.exp(-x / 4.0)) for x in range(-36, 37))
 
 #: HTTP statuses after which a request is retried (once, on the champion)
 RETRY_STATUSES = frozenset({503})
@@ -154,9 +152,7 @@ class RouteTable:
         warming = [
             n
             for n, spec in desired.arms.items()
-            if spec.role in ("canary", "shadow")
-            and not weights.get(n)
-            and n not in desired.shadow
+            if spec.role in ("canary", "shadow") and not weights.get(n) and n not in desired.shadow
         ]
         return cls.build(weights, arms, champion, desired.shadow, desired.version, warming)
 
@@ -257,8 +253,16 @@ class ArmCounters(BaseModel):
 
     def negative(self) -> bool:
         """Any count below zero (a difference of counters from different processes)."""
-        scalars = (self.requests, self.errors, self.fallbacks, self.mirrored, self.decisions,
-                   self.positives, self.paired, self.agreements)
+        scalars = (
+            self.requests,
+            self.errors,
+            self.fallbacks,
+            self.mirrored,
+            self.decisions,
+            self.positives,
+            self.paired,
+            self.agreements,
+        )
         return min(scalars) < 0 or min(self.latency) < 0 or min(self.scores) < 0
 
     @property

@@ -111,6 +111,7 @@ def validate_frame(
         if extra:
             raise SchemaError(f"{name}: unexpected columns {extra}")
 
+
 #: one logged prediction (Delta table `predictions`, partitioned by `date`)
 PREDICTION_SCHEMA: dict[str, pl.DataType] = {
     "request_id": pl.String(),

@@ -13,7 +13,7 @@ Built from what the loop itself recorded, never from the demo's own bookkeeping
 Pure parts: :func:`build_timeline`, :func:`to_markdown`, :func:`metric_series`.
 I/O parts: :func:`collect` (Prefect API), :func:`save` / :func:`load` (JSON next to
 the markdown), :func:`publish_artifact` (a Prefect markdown artifact),
-:func:`write_chart` (SVG, and self-contained HTML with plotly) of the
+:func:`write_chart` (PNG with matplotlib, self-contained HTML with plotly) of the
 labelled accuracy and recall over time from the Delta prediction log joined with
 its labels, the timeline's events marked on it.
 """
@@ -555,71 +555,48 @@ _MARKED = {
 }
 
 
-def _svg_chart(series: pl.DataFrame, marks: list[TimelineEntry], title: str) -> str:
-    """A dependency-free SVG line chart of accuracy and recall with the steps marked."""
-    from html import escape
+def write_chart(series: pl.DataFrame, t: Timeline, png: Path, html: Path) -> tuple[Path, Path]:
+    """A PNG (matplotlib) and a self-contained HTML (plotly) of accuracy and recall over
+    time with the timeline's steps marked."""
+    import matplotlib
 
-    w, h, left, right, top, bottom = 1100, 480, 60, 20, 40, 50
-    xs = [v.timestamp() for v in series["at"].to_list()]
-    t0 = min([*xs, *(m.at.timestamp() for m in marks)], default=0.0)
-    t1 = max([*xs, *(m.at.timestamp() for m in marks)], default=1.0)
-    span = (t1 - t0) or 1.0
-
-    def px(ts: float) -> float:
-        return left + (ts - t0) / span * (w - left - right)
-
-    def py(v: float) -> float:
-        return top + (1.05 - v) / 1.05 * (h - top - bottom)
-
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        f'viewBox="0 0 {w} {h}" font-family="sans-serif">',
-        f'<rect width="{w}" height="{h}" fill="white"/>',
-        f'<text x="{w / 2}" y="24" text-anchor="middle" font-size="15">{escape(title)}</text>',
-    ]
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = py(v)
-        out.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" '
-                   'stroke="#e5e5e5"/>')  # fmt: skip
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" '
-                   f'font-size="11">{v:.2f}</text>')  # fmt: skip
-    for col, color, label in (
-        ("accuracy", "#1f77b4", "accuracy (labelled)"),
-        ("recall", "#d62728", "recall (labelled)"),
-    ):
-        pts = [f"{px(x):.1f},{py(v):.1f}"
-               for x, v in zip(xs, series[col].to_list(), strict=True) if v is not None]  # fmt: skip
-        if pts:
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
-                       f'points="{" ".join(pts)}"><title>{label}</title></polyline>')  # fmt: skip
-    for i, (color, label) in enumerate(
-        (("#1f77b4", "accuracy (labelled)"), ("#d62728", "recall (labelled)"))
-    ):
-        y = h - 14
-        x = left + 220 * i
-        out.append(f'<line x1="{x}" x2="{x + 24}" y1="{y - 4}" y2="{y - 4}" stroke="{color}" '
-                   f'stroke-width="2"/><text x="{x + 30}" y="{y}" font-size="12">{label}</text>')  # fmt: skip
-    for m in marks:
-        x = px(m.at.timestamp())
-        name = escape(m.title.replace(" (incident opened)", ""))
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{h - bottom}" stroke="grey" '
-                   'stroke-dasharray="4 3"/>')  # fmt: skip
-        out.append(f'<text transform="translate({x - 3:.1f},{h - bottom - 4}) rotate(-90)" '
-                   f'font-size="10" fill="#333">{name}</text>')  # fmt: skip
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def write_chart(series: pl.DataFrame, t: Timeline, svg: Path, html: Path) -> tuple[Path, Path]:
-    """An SVG (no plotting dependency) and a self-contained HTML (plotly) of accuracy and
-    recall over time with the timeline's steps marked."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import plotly.graph_objects as go
 
     marks = [e for e in t.entries if e.kind in _MARKED]
     x = series["at"].to_list()
     title = f"{t.model_name}: incident {t.incident_id or '-'} ({t.outcome.replace('_', ' ')})"
-    svg.parent.mkdir(parents=True, exist_ok=True)
-    svg.write_text(_svg_chart(series, marks, title))
+
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=110)
+    ax.plot(x, series["accuracy"].to_list(), label="accuracy (labelled)", color="#1f77b4")
+    ax.plot(x, series["recall"].to_list(), label="recall (labelled)", color="#d62728")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share")
+    ax.set_xlabel("time (UTC)")
+    ax.set_title(title)
+    for m in marks:
+        ax.axvline(
+            m.at,  # type: ignore[arg-type]
+            color="grey",
+            linestyle="--",
+            linewidth=0.8,
+        )
+        ax.annotate(
+            m.title.replace(" (incident opened)", ""),
+            xy=(m.at, 0.02),
+            fontsize=7,
+            rotation=90,
+            ha="right",
+            va="bottom",
+            color="#333333",
+        )
+    ax.legend(loc="lower left")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
 
     pf = go.Figure()
     pf.add_trace(go.Scatter(x=x, y=series["accuracy"].to_list(), name="accuracy (labelled)"))
@@ -638,7 +615,7 @@ def write_chart(series: pl.DataFrame, t: Timeline, svg: Path, html: Path) -> tup
         )
     pf.update_layout(title=title, yaxis={"range": [0, 1.1]}, xaxis_title="time (UTC)")
     pf.write_html(html, include_plotlyjs=True, full_html=True)
-    return svg, html
+    return png, html
 
 
 # --------------------------------------------------------------------------------------

@@ -375,11 +375,11 @@ class LiveTraffic:
         self.router_url = router_url.rstrip("/")
         self.feedback_url = feedback_url
         self.feedback_token = feedback_token
-        self.settings = settings
+        self.settings: Any = settings
         self.concurrency = concurrency
         self.batch_size = batch_size
         self.labels_mode = labels
-        self.label_log = label_log
+        self.label_log: Any = label_log
         self.push_seconds = push_seconds
         self.offline_seconds = offline_seconds
         self.timeout = timeout
@@ -621,11 +621,19 @@ class LiveTraffic:
         ok = False
         try:
             if n == 1:
-                body: Any = self._bodies[rows[0]]
-                r = await client.post(f"{self.router_url}/predict", json=body)
+                url, body = f"{self.router_url}/predict", self._bodies[rows[0]]
             else:
+                url = f"{self.router_url}/predict_batch"
                 body = {"transactions": [self._bodies[i]["transaction"] for i in rows]}
-                r = await client.post(f"{self.router_url}/predict_batch", json=body)
+            import httpx
+
+            try:
+                r = await client.post(url, json=body)
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                # a pooled keep-alive connection the server closed as it was reused: the
+                # request did not get through; once more on a fresh connection (request
+                # ids make a repeat harmless)
+                r = await client.post(url, json=body)
             ok = r.status_code == 200
             if ok:
                 with contextlib.suppress(ValueError, AttributeError, TypeError):
