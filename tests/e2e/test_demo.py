@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +31,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[2]
 #: a compressed demo: shorter stream before the drift, faster monitor
 DEMO_TIMEOUT = 720
-STAGGER_SECONDS = 20
 FAST = [
     "--no-live",
     "--keep-running",
@@ -70,67 +68,29 @@ def _pid_alive(pid: int | None) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
 
 
-@dataclass
-class Launched:
-    home: Path
-    proc: subprocess.Popen[str]
-    log: Path
-    started: float
-
-
 #: the two demos of this module: a healthy loop, and one whose canary is forced to fail
 VARIANTS: dict[str, list[str]] = {"promote": [], "rollback": ["--fail-canary"]}
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Launched]]:
-    """Both demos run at the same time (each mostly waits on its own clock), the second
-    started a little later so that their set-ups overlap less. Stopped by PID at the end."""
-    out: dict[str, Launched] = {}
-    try:
-        for i, (name, extra) in enumerate(VARIANTS.items()):
-            if i:
-                time.sleep(STAGGER_SECONDS)
-            base = tmp_path_factory.mktemp(f"demo-{name}")
-            home, log = base / "demo", base / "cli.log"
-            with log.open("w") as fh:
-                proc = subprocess.Popen(
-                    _command(home, *FAST, *extra), cwd=REPO, env=_env(), stdout=fh,
-                    stderr=subprocess.STDOUT, text=True,
-                )  # fmt: skip
-            out[name] = Launched(home, proc, log, time.monotonic())
-        yield out
-    finally:
-        for item in out.values():
-            if item.proc.poll() is None:
-                item.proc.terminate()  # the demo stops what it started on SIGTERM
-                try:
-                    item.proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    item.proc.kill()
-                    item.proc.wait()
-
-
 @pytest.fixture
-def demo_run(
-    launched: dict[str, Launched], request: pytest.FixtureRequest
-) -> Iterator[tuple[DemoRun, str]]:
-    """Wait for one demo to end; stop what it kept running (``--stop``) afterwards."""
-    item = launched[request.param]
+def demo_run(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[DemoRun, str]]:
+    """Run one demo variant to its end (one at a time: each starts a whole stack);
+    stop what it kept running (``--stop``) afterwards, and check that it stopped."""
+    home = tmp_path / "demo"
+    started = time.monotonic()
     try:
-        code = item.proc.wait(timeout=DEMO_TIMEOUT + 120)
-    except subprocess.TimeoutExpired:
-        code = None
-    wall = time.monotonic() - item.started
-    text = item.log.read_text(errors="replace")
-    output = f"exit {code} after {wall:.0f} s\n{text[-8000:]}"
-    run_dir = latest_run(item.home)
+        done = _demo(home, *FAST, *VARIANTS[request.param], timeout=DEMO_TIMEOUT + 180)
+        output = f"exit {done.returncode}\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
+    except subprocess.TimeoutExpired as exc:
+        output = f"timed out\n{str(exc.stdout or '')[-8000:]}"
+    output = f"after {time.monotonic() - started:.0f} s: {output}"
+    run_dir = latest_run(home)
     assert run_dir is not None, output
     run = load_run(run_dir)
     try:
         yield run, output
     finally:
-        stopped = _demo(item.home, "--stop", timeout=120)
+        stopped = _demo(home, "--stop", timeout=180)
         assert stopped.returncode == 0, stopped.stderr
         time.sleep(1.0)
         for rec in (run.server, run.worker, run.router):
