@@ -6,10 +6,12 @@ message on stderr and exit code 1; typer rejects bad arguments with exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -361,19 +363,29 @@ def serve(
     bento: Annotated[
         str | None, typer.Option(help="Bento to serve if no champion runs (default: known good)")
     ] = None,
+    stop: Annotated[
+        bool, typer.Option("--stop", help="stop every arm of the serving plane (by PID)")
+    ] = False,
 ) -> None:
     """Run the champion arm (the serving plane) and the router in front of it.
 
     The arms belong to the plane and keep running when the router stops; a later
-    `driftloop serve` reattaches to them.
+    `driftloop serve` reattaches to them, `driftloop serve --stop` stops them.
     """
     import os
-    import subprocess
 
     from driftloop.bento import project_root
     from driftloop.errors import ServingError
 
     settings = _settings()
+    if stop:
+        from driftloop.plane.local import LocalPlane
+
+        plane = LocalPlane(settings)
+        names = sorted(plane.actual().arms)
+        plane.stop_all()
+        console.print(f"stopped {len(names)} arm(s): {', '.join(names) or '-'}")
+        return
     runner = _rollout_runner(settings)
     with console.status("starting the champion arm"):
         champion = runner.ensure_champion(bento)
@@ -403,7 +415,40 @@ def serve(
         "--working-dir",
         str(root),
     ]
-    raise typer.Exit(subprocess.call(cmd, env=env, cwd=root))
+    raise typer.Exit(_run_until_stopped(cmd, env, root))
+
+
+def _run_until_stopped(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
+    """Run a server in its own session; on Ctrl-C or SIGTERM stop its whole process tree
+    (BentoML workers run in sessions of their own) by PID, then return its exit code."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+
+    def _term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _term)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
