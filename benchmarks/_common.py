@@ -19,9 +19,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +28,9 @@ from typing import Any
 
 import httpx
 import polars as pl
+
+from driftloop.servers import BentoServer
+from driftloop.servers import start_bentoml as _start_bentoml
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -175,28 +175,8 @@ def build_world(
 
 
 # -- bentoml serve ---------------------------------------------------------------------
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-        """Signal the server's whole process group; SIGKILL it if it outlives ``timeout``."""
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+#: a running ``bentoml serve`` (stopped by PID, whole process tree)
+Server = BentoServer
 
 
 def free_port() -> int:
@@ -208,31 +188,8 @@ def free_port() -> int:
 def start_bentoml(
     target: str, env: dict[str, str], log: Path, *, port: int | None = None, timeout: float = 120.0
 ) -> Server:
-    """Run ``bentoml serve target`` on 127.0.0.1 (own session) and wait for /readyz."""
-    port = port or free_port()
-    bentoml = str(Path(sys.executable).with_name("bentoml"))
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    server = Server(proc=proc, url=f"http://127.0.0.1:{port}", log=log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1.0).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"bentoml serve not ready in {timeout}s:\n{log.read_text()[-3000:]}")
+    """Run ``bentoml serve target`` from the checkout on 127.0.0.1 and wait for /readyz."""
+    return _start_bentoml(target, env, log, cwd=REPO, port=port, timeout=timeout)
 
 
 # -- load ------------------------------------------------------------------------------
