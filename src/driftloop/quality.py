@@ -141,6 +141,24 @@ def _null_rate(series: pl.Series) -> float:
     return series.null_count() / series.len()
 
 
+def _null_rate_issues(
+    column: str, s: pl.Series, ref_null_rate: float, t: QualityThresholds
+) -> list[QualityIssue]:
+    """A ``null_rate`` issue when the column's null rate rose beyond the threshold."""
+    rate = _null_rate(s)
+    if rate - ref_null_rate <= t.null_rate_increase:
+        return []
+    return [
+        QualityIssue(
+            check="null_rate",
+            column=column,
+            value=rate,
+            threshold=ref_null_rate + t.null_rate_increase,
+            message=f"{column}: null rate {rate:.1%} vs {ref_null_rate:.1%} in reference",
+        )
+    ]
+
+
 def _check_numeric(
     column: str,
     s: pl.Series,
@@ -148,18 +166,7 @@ def _check_numeric(
     t: QualityThresholds,
     bounds: tuple[float | None, float | None] | None,
 ) -> list[QualityIssue]:
-    issues: list[QualityIssue] = []
-    rate = _null_rate(s)
-    if rate - ref.null_rate > t.null_rate_increase:
-        issues.append(
-            QualityIssue(
-                check="null_rate",
-                column=column,
-                value=rate,
-                threshold=ref.null_rate + t.null_rate_increase,
-                message=f"{column}: null rate {rate:.1%} vs {ref.null_rate:.1%} in reference",
-            )
-        )
+    issues = _null_rate_issues(column, s, ref.null_rate, t)
     if s.dtype == pl.Null:
         return issues
     f = s.cast(pl.Float64, strict=False)
@@ -234,18 +241,7 @@ def _check_numeric(
 def _check_categorical(
     column: str, s: pl.Series, ref: CategoricalProfile, t: QualityThresholds
 ) -> list[QualityIssue]:
-    issues: list[QualityIssue] = []
-    rate = _null_rate(s)
-    if rate - ref.null_rate > t.null_rate_increase:
-        issues.append(
-            QualityIssue(
-                check="null_rate",
-                column=column,
-                value=rate,
-                threshold=ref.null_rate + t.null_rate_increase,
-                message=f"{column}: null rate {rate:.1%} vs {ref.null_rate:.1%} in reference",
-            )
-        )
+    issues = _null_rate_issues(column, s, ref.null_rate, t)
     values = s.drop_nulls().cast(pl.String)
     if values.len() >= t.min_values:
         unknown = int((~values.is_in(list(ref.counts))).sum()) / values.len()
