@@ -9,9 +9,10 @@ is its own):
 
 * **ours**, end to end: read the window from Delta (partition pruning, labels
   joined), judge it (quality, drift against the precomputed reference profile,
-  sliding-window KS on the score, labelled performance, the N-window rule), the
-  Evidently HTML report on a bounded sample (5k rows a side), the Prometheus
-  textfile, and the event payloads (built, not sent), in the flow's order;
+  sliding-window KS on the score, labelled performance, the N-window rule) while
+  the Evidently HTML report on a bounded sample (5k rows a side) is built in a
+  background thread (``monitoring.start_report``: it needs no verdict), then the
+  Prometheus textfile and the event payloads (built, not sent);
 * **Evidently alone**: ``DataDriftPreset`` (current API, Evidently's default tests)
   on the full window against the same reference, frames already in memory. When
   it cannot finish within ``--evidently-timeout`` seconds it is run on a random
@@ -36,6 +37,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -236,10 +238,11 @@ def worker_ours(base: Path) -> dict[str, Any]:
 
     from driftloop import monitoring
     from driftloop.drift import ReferenceProfile
-    from driftloop.evidently_report import run_evidently  # noqa: F401  (import cost up front)
+    from driftloop.evidently_report import import_evidently
     from driftloop.monitoring import Baseline, MonitorParams, MonitorState
     from driftloop.settings import Settings
 
+    import_evidently()  # run_evidently imports it lazily: ~5 s, counted with the imports
     import_s = time.perf_counter() - t0
     rss_imported = _rss_mb()
     meta = json.loads((base / "meta.json").read_text())
@@ -264,6 +267,21 @@ def worker_ours(base: Path) -> dict[str, Any]:
     window = monitoring.load_window(settings, params, model_version=VERSION)
     t_read = time.perf_counter()
 
+    # the report needs no verdict: built in a background thread while the window is judged
+    report_done: list[float] = []  # when the report thread finished (its done-callback)
+    called_back = threading.Event()
+    pending = monitoring.start_report(
+        MODEL,
+        window.info,
+        profile,
+        reference,
+        window.frame,
+        settings.reports_dir,
+        sample_rows=REPORT_SAMPLE_ROWS,
+    )
+    pending.add_done_callback(
+        lambda _: (report_done.append(time.perf_counter()), called_back.set())
+    )
     result = monitoring.judge(
         profile,
         baseline,
@@ -275,15 +293,8 @@ def worker_ours(base: Path) -> dict[str, Any]:
         model_tag=f"{MODEL}:{VERSION}",
     )
     t_judge = time.perf_counter()
-    evidently = monitoring.write_report(
-        MODEL,
-        window.info,
-        profile,
-        reference,
-        window.frame,
-        settings.reports_dir,
-        sample_rows=REPORT_SAMPLE_ROWS,
-    )
+    evidently = pending.result()  # raises what the report raised
+    called_back.wait()
     result = result.with_report(evidently)
     t_report = time.perf_counter()
     monitoring.publish_metrics(result, settings.state_dir)
@@ -301,7 +312,8 @@ def worker_ours(base: Path) -> dict[str, Any]:
             "load_reference": t_ref - t,
             "read_delta": t_read - t_ref,
             "judge": t_judge - t_read,
-            "report_sample": t_report - t_judge,
+            "report_sample": t_report - t_judge,  # waited for after judging
+            "report_thread": report_done[0] - t_read,  # its own wall time, overlapping judge
             "metrics_and_payloads": t_end - t_report,
             "total": t_end - t,
         },
@@ -335,8 +347,9 @@ def worker_evidently(base: Path, subsample: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     import polars as pl
 
-    from driftloop.evidently_report import run_evidently
+    from driftloop.evidently_report import import_evidently, run_evidently
 
+    import_evidently()  # as for ours: imports are not timed
     import_s = time.perf_counter() - t0
     rss_imported = _rss_mb()
     meta = json.loads((base / "meta.json").read_text())
@@ -476,9 +489,12 @@ def main() -> None:
             "vectorised numpy/polars tests against the stored quantiles (KS, PSI, normed "
             "Wasserstein, chi-square, Jensen-Shannon)",
             "polars scan of Delta with date-partition pruning",
-            f"Evidently HTML report on a bounded sample ({REPORT_SAMPLE_ROWS} rows a side)",
+            f"Evidently HTML report on a bounded sample ({REPORT_SAMPLE_ROWS} rows a side), "
+            "built in a background thread while the window is judged (it needs no verdict)",
+            "labels joined by a hash join on request_id (checked, general path otherwise)",
         ],
-        "timing": "wall seconds after imports (ours: fastest of --repeat runs) and CPU seconds "
+        "timing": "wall seconds after imports (Evidently's included: imported up front by both, "
+        "~5 s) (ours: fastest of --repeat runs) and CPU seconds "
         "(user + sys, all threads) of the timed part; each measurement in its own process; "
         "peak memory is the process's peak RSS (VmHWM), imports included. The machine is "
         "shared: see loadavg_1m of each measurement",
@@ -498,7 +514,8 @@ def main() -> None:
         print(
             f"   ours: {ours['seconds']['total']:.2f} s end to end "
             f"(read {ours['seconds']['read_delta']:.2f}, judge {ours['seconds']['judge']:.2f}, "
-            f"report {ours['seconds']['report_sample']:.2f}; "
+            f"report {ours['seconds']['report_sample']:.2f} more "
+            f"({ours['seconds']['report_thread']:.2f} alongside judge); "
             f"{ours['cpu_seconds']:.1f} CPU s), "
             f"peak {ours['peak_rss_mb']:.0f} MB, verdict {ours['verdict']}",
             flush=True,

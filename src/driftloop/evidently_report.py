@@ -127,6 +127,16 @@ def result_from_snapshot(snapshot: Mapping[str, Any]) -> EvidentlyResult:
     )
 
 
+def import_evidently() -> None:
+    """Import Evidently now (about 5 s) rather than in the first :func:`run_evidently`.
+
+    For a process that will build a report and has time to spare before it (or that
+    times its work apart from its imports). Idempotent.
+    """
+    import evidently  # noqa: F401
+    import evidently.presets  # noqa: F401
+
+
 def _sample(frame: pl.DataFrame, max_rows: int, seed: int) -> pl.DataFrame:
     return frame.sample(n=max_rows, seed=seed) if frame.height > max_rows else frame
 

@@ -102,3 +102,13 @@ def test_result_from_snapshot_without_tests_uses_the_method_direction() -> None:
     assert not result.columns["y"].drifted
     assert result.drift_share == 0.5 and type(result.drift_share) is float
     assert result.share_threshold == 0.5 and result.dataset_drifted
+
+
+def test_import_evidently_loads_what_run_evidently_needs() -> None:
+    import sys
+
+    from driftloop.evidently_report import import_evidently
+
+    import_evidently()
+    import_evidently()  # idempotent
+    assert "evidently.presets" in sys.modules

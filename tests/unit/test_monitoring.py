@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from driftloop import events as ev
 from driftloop.drift import ReferenceProfile, build_profile
 from driftloop.monitoring import (
+    LABEL_COLUMNS,
     Baseline,
     EffectiveCounts,
     MonitorParams,
@@ -441,3 +442,66 @@ def test_markdown_and_table_describe_the_verdict(profile, baseline) -> None:
     table = result.feature_table()
     assert {r["column"] for r in table} >= {"amount", "category", "score"}
     assert next(r for r in table if r["column"] == "amount")["drifted"] is True
+
+
+# -- label join and background report ------------------------------------------------
+def _labels(predictions: pl.DataFrame, rows: list[int], *, minutes: int = 5) -> pl.DataFrame:
+    from driftloop.schema import LABEL_SCHEMA
+
+    picked = predictions[rows]
+    at = [T0 + timedelta(minutes=minutes + i) for i in range(picked.height)]
+    return pl.DataFrame(
+        {
+            "label_id": [f"l{minutes}-{i}" for i in range(picked.height)],
+            "request_id": picked["request_id"],
+            "transaction_id": picked["transaction_id"],
+            "label": [i % 2 for i in range(picked.height)],
+            "observed_at": at,
+            "received_at": at,
+            "date": [a.strftime("%Y-%m-%d") for a in at],
+        }
+    ).cast(LABEL_SCHEMA)  # type: ignore[arg-type]
+
+
+def _label_cases() -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
+    preds = frame(200, 7).drop("label")
+    other = frame(50, 8).drop("label")  # labels of requests outside the window
+    some = _labels(preds, list(range(0, 200, 3)))
+    foreign = _labels(other, list(range(50)), minutes=9)
+    relabelled = pl.concat([some, _labels(preds, [0, 3, 6], minutes=30)])
+    by_transaction = pl.concat(
+        [some, _labels(preds, [1, 2], minutes=40).with_columns(pl.lit(None).alias("request_id"))]
+    )
+    return {
+        "unique": (preds, pl.concat([some, foreign])),
+        "none": (preds, some.head(0)),
+        "relabelled": (preds, relabelled),
+        "by_transaction": (preds, by_transaction),
+        "duplicate predictions": (pl.concat([preds, preds.head(10)]), some),
+    }
+
+
+@pytest.mark.parametrize("case", list(_label_cases()))
+def test_fast_label_join_is_the_general_one(case: str) -> None:
+    from driftloop import predlog
+    from driftloop.monitoring import _attach_labels
+
+    preds, labels = _label_cases()[case]
+    fast = _attach_labels(preds, labels)
+    assert fast.equals(predlog.attach_labels(preds, labels))
+    assert fast.columns == [*preds.columns, "label_id", "label", *LABEL_COLUMNS[2:]]
+
+
+def test_report_runs_in_the_background_and_surfaces_errors(
+    profile, reference, tmp_path: Path
+) -> None:
+    from driftloop.monitoring import start_report
+
+    window = frame(3_000, 60, shift=0.8)
+    args = (MODEL, info(T0, window.height), profile, reference, window)
+    done = start_report(*args, tmp_path, sample_rows=1_000).result(timeout=120)
+    assert done.html_path and Path(done.html_path).stat().st_size > 0
+    assert done.n_current == 1_000 and "amount" in done.columns
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        start_report(*args, tmp_path / "file", sample_rows=1_000).result(timeout=120)
