@@ -342,10 +342,7 @@ class MonitorParams(BaseModel):
                 "consecutive_windows": self.consecutive_windows
                 or settings.drift_consecutive_windows,
                 "performance_drop": self.performance_drop or settings.performance_drop_threshold,
-                "pushgateway_url": self.pushgateway_url
-                or getattr(settings, "pushgateway_url", None)
-                or os.environ.get("DRIFTLOOP_PUSHGATEWAY_URL")
-                or None,
+                "pushgateway_url": self.pushgateway_url or settings.pushgateway_url,
             }
         )
 

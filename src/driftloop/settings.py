@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     drift_consecutive_windows: Annotated[int, Field(ge=1)] = 1
     performance_drop_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.10
     monitor_window_minutes: Annotated[int, Field(ge=1)] = 60
+    pushgateway_url: str | None = Field(
+        default=None, description="Prometheus Pushgateway the monitor pushes its gauges to"
+    )
 
     # retraining
     retrain_cooldown_minutes: Annotated[float, Field(ge=0)] = 30.0

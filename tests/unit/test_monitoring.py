@@ -505,3 +505,11 @@ def test_report_runs_in_the_background_and_surfaces_errors(
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError):
         start_report(*args, tmp_path / "file", sample_rows=1_000).result(timeout=120)
+
+
+def test_pushgateway_url_comes_from_settings_unless_given() -> None:
+    s = Settings(pushgateway_url="http://127.0.0.1:9091")
+    assert MonitorParams(model_name=MODEL).resolve(s).pushgateway_url == "http://127.0.0.1:9091"
+    given = MonitorParams(model_name=MODEL, pushgateway_url="http://127.0.0.1:9999")
+    assert given.resolve(s).pushgateway_url == "http://127.0.0.1:9999"
+    assert MonitorParams(model_name=MODEL).resolve(Settings()).pushgateway_url is None
