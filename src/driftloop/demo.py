@@ -930,9 +930,13 @@ def run_demo(
 
     say = view.log
     say(f"[bold]driftloop demo[/] run {run_id} in {run_dir}")
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Ctrl-C, kill, or the terminal closing: clean up everything the demo started
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals}
 
     def interrupted(signum: int, _frame: Any) -> None:
+        for sig in stop_signals:  # a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         raise DemoInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
     if threading.current_thread() is threading.main_thread():
@@ -1160,9 +1164,10 @@ def run_demo(
             )
         outcome = timeline_obj.outcome
     except (KeyboardInterrupt, DemoInterrupted):
-        say("[yellow]interrupted: stopping everything the demo started[/]")
         keep = False
         run.status = "stopped"
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            say("[yellow]interrupted: stopping everything the demo started[/]")
         raise
     except BaseException:
         keep = False
