@@ -85,19 +85,6 @@ def worker_pids(server: Server) -> list[int]:
     return [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
 
 
-def stop_tree(server: Server) -> None:
-    """Stop the supervisor gracefully; BentoML workers run in their own sessions, so
-    make sure none outlives it."""
-    try:
-        workers = psutil.Process(server.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        workers = []
-    server.stop(signal.SIGTERM, timeout=30)
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    for p in alive:
-        p.kill()
-
-
 # -- bodies ------------------------------------------------------------------------------
 class Bodies:
     """Request bodies built once from the newest transactions (no client work per row)."""
@@ -574,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["profile"] = profiles(servers["ours"], bodies, root, args)
         finally:
             for server in servers.values():
-                stop_tree(server)
+                server.stop(signal.SIGTERM, timeout=30)  # the whole worker tree, by PID
         print("in-process costs (CPU ms per call) ...")
         result["in_process_cpu_ms"] = in_process(world, root)
     result["checks"] = evaluate(result["predict"], result["predict_batch"], result["delta_files"])

@@ -6,7 +6,6 @@ message on stderr and exit code 1; typer rejects bad arguments with exit code 2.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -424,7 +423,7 @@ def _run_until_stopped(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
     import signal
     import subprocess
 
-    import psutil
+    from driftloop.servers import stop_tree
 
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
 
@@ -435,17 +434,7 @@ def _run_until_stopped(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for p in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=15)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        stop_tree(proc.pid, timeout=15)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
