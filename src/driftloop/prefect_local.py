@@ -362,6 +362,10 @@ class LocalPrefectServer:
 class LocalWorker:
     """``prefect worker start --pool <pool> --type process`` with fast polling.
 
+    With ``warm`` (the default) it is :mod:`driftloop.warm_engine`'s process worker:
+    the same worker, its flow runs forked from a warm engine instead of fresh
+    interpreters (``DRIFTLOOP_WARM_WORKER=0`` in ``env`` turns that off).
+
     Creates the pool if it does not exist. ``start()`` returns once the worker has
     registered with the server (its first heartbeat).
     """
@@ -378,8 +382,10 @@ class LocalWorker:
         startup_timeout: float = 120.0,
         stop_timeout: float = 20.0,
         cwd: Path | None = None,
+        warm: bool = True,
     ) -> None:
         self.api_url = api_url
+        self.warm = warm
         self.pool = pool
         self.home = Path(home).resolve()
         self.extra_env = dict(env or {})
@@ -409,22 +415,18 @@ class LocalWorker:
         env = prefect_env(self.api_url, self.home)
         env.update(FAST_POLL_ENV)
         env.update(self.extra_env)
-        args = [
-            sys.executable,
-            "-m",
-            "prefect",
-            "--no-prompt",
-            "worker",
-            "start",
-            "--pool",
-            self.pool,
-            "--type",
-            self.worker_type,
-            "--name",
-            self.name,
-            "--install-policy",
-            "never",
-        ]
+        if self.warm and self.worker_type == "process":
+            # the same process worker, its flow runs forked from a warm engine
+            args = [
+                sys.executable, "-m", "driftloop.warm_engine",
+                "--pool", self.pool, "--name", self.name, "--root", str(self.cwd),
+            ]  # fmt: skip
+        else:
+            args = [
+                sys.executable, "-m", "prefect", "--no-prompt", "worker", "start",
+                "--pool", self.pool, "--type", self.worker_type, "--name", self.name,
+                "--install-policy", "never",
+            ]  # fmt: skip
         began = time.monotonic()
         self._process._spawn(args, env, self.cwd)
         try:

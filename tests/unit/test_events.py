@@ -82,7 +82,10 @@ EXAMPLES: dict[ev.EventName, tuple[dict[str, Any], str]] = {
     ev.EventName.ROLLOUT_STEPPED: (ROLLOUT, "weights"),
     ev.EventName.ROLLOUT_PROMOTED: (ROLLOUT, "canary_tag"),
     ev.EventName.ROLLOUT_ROLLED_BACK: ({**ROLLOUT, "verdict": "fail", "reason": "p99"}, "step"),
-    ev.EventName.LABELS_LANDED: ({"model_name": "fraud", "delivery": "d1", "rows": 10}, "model_name"),
+    ev.EventName.LABELS_LANDED: (
+        {"model_name": "fraud", "delivery": "d1", "rows": 10},
+        "model_name",
+    ),
     ev.EventName.DATA_LANDED: ({"model_name": "fraud", "delivery": "d2"}, "model_name"),
 }
 
