@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         default=None, description="Prometheus Pushgateway the monitor pushes its gauges to"
     )
 
+    # orchestration
+    warm_worker: bool = Field(
+        default=True,
+        description="flow runs of driftloop's process worker fork from a warm engine "
+        "(driftloop.warm_engine); off: Prefect's own flow-run command",
+    )
+
     # retraining
     retrain_cooldown_minutes: Annotated[float, Field(ge=0)] = 30.0
     gate_margin: Annotated[float, Field(ge=0)] = 0.005

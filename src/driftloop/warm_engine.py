@@ -22,7 +22,12 @@ workers (``prefect worker start --pool driftloop``) serve it unchanged.
 Fork safety: the warm engine never runs flow code itself and starts no thread of its
 own; what the preloaded libraries start at import (jemalloc's background thread,
 OpenBLAS's pool) is fork-aware, and polars' thread pool is created on first use, so in
-the child. ``DRIFTLOOP_WARM_WORKER=0`` (or ``--cold``) runs the stock worker instead.
+the child. Native libraries read some environment once, when they load (OpenMP's
+``OMP_WAIT_POLICY``: spinning made XGBoost ~15x slower here): the engine adopts the
+``env`` that every deployment of ``prefect.yaml`` gives its runs before it imports
+anything, and a run whose such variables differ is started cold.
+
+``DRIFTLOOP_WARM_WORKER=0`` (or ``--cold``) runs the stock worker instead.
 """
 
 from __future__ import annotations
@@ -42,7 +47,14 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["client_command", "entrypoints_of", "main", "start_engine"]
+__all__ = [
+    "client_command",
+    "entrypoints_of",
+    "load_time_mismatch",
+    "main",
+    "run_env_of",
+    "start_engine",
+]
 
 #: the flow-run command's script (standard library only)
 CLIENT = Path(__file__).with_name("_warm_client.py")
@@ -65,21 +77,49 @@ def client_command(socket_path: Path) -> list[str]:
     return [sys.executable, "-I", "-S", str(CLIENT), str(socket_path)]
 
 
-def entrypoints_of(prefect_yaml: Path) -> list[str]:
-    """The flow files named by the deployments of ``prefect_yaml`` (``path.py:flow``)."""
+def _deployments(prefect_yaml: Path) -> list[dict[str, Any]]:
     import yaml
 
     try:
         spec = yaml.safe_load(prefect_yaml.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return []
+    return [d for d in spec.get("deployments") or [] if isinstance(d, dict)]
+
+
+def entrypoints_of(prefect_yaml: Path) -> list[str]:
+    """The flow files named by the deployments of ``prefect_yaml`` (``path.py:flow``)."""
     files: list[str] = []
-    for deployment in spec.get("deployments") or []:
-        entry = str((deployment or {}).get("entrypoint") or "")
-        path = entry.rpartition(":")[0]
+    for deployment in _deployments(prefect_yaml):
+        path = str(deployment.get("entrypoint") or "").rpartition(":")[0]
         if path and path not in files:
             files.append(path)
     return files
+
+
+def run_env_of(prefect_yaml: Path) -> dict[str, str]:
+    """The environment every deployment of ``prefect_yaml`` gives its flow runs (the
+    ``env`` job variables they all share), which the warm engine adopts before it
+    imports anything: native libraries read some of it once, at load time."""
+    shared: dict[str, str] | None = None
+    for deployment in _deployments(prefect_yaml):
+        pool = deployment.get("work_pool") or {}
+        env = ((pool.get("job_variables") or {}).get("env") or {}) if isinstance(pool, dict) else {}
+        pairs = {str(k): str(v) for k, v in env.items() if v is not None}
+        shared = pairs if shared is None else {k: v for k, v in shared.items() if pairs.get(k) == v}
+    return shared or {}
+
+
+#: environment read by native libraries when they load (OpenMP, BLAS, allocators,
+#: thread pools): a forked run inherits what the warm engine loaded them with, so a run
+#: that asks for other values gets a fresh interpreter instead
+LOAD_TIME_ENV = ("OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_", "POLARS_", "RAYON_", "MALLOC_")
+
+
+def load_time_mismatch(run_env: dict[str, str], engine_env: dict[str, str]) -> list[str]:
+    """Names of load-time variables whose value differs between a run and the engine."""
+    keys = {k for k in (*run_env, *engine_env) if k.startswith(LOAD_TIME_ENV)}
+    return sorted(k for k in keys if run_env.get(k) != engine_env.get(k))
 
 
 # --------------------------------------------------------------------------- engine
@@ -242,6 +282,19 @@ class _Engine:
             print(f"warm engine: bad request: {exc!r}", file=self.log, flush=True)
             conn.close()  # the client falls back to `python -m prefect.engine`
             return
+        differ = load_time_mismatch(header["env"], dict(os.environ))
+        if differ:
+            run = header["env"].get("PREFECT__FLOW_RUN_ID")
+            print(
+                f"warm engine: flow run {run} starts cold: its {', '.join(differ)} differ "
+                "from what the engine's libraries loaded with",
+                file=self.log,
+                flush=True,
+            )
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
         sys.stdout.flush()
         sys.stderr.flush()
         self.log.flush()
@@ -293,8 +346,12 @@ class _Engine:
                 os.kill(pid, signal.SIGTERM)
 
 
-def start_engine(socket_path: Path, root: Path, flow_files: list[str]) -> int:
-    """Fork the warm engine; call before importing Prefect (no threads yet). Its pid."""
+def start_engine(
+    socket_path: Path, root: Path, flow_files: list[str], run_env: dict[str, str] | None = None
+) -> int:
+    """Fork the warm engine; call before importing Prefect (no threads yet). Its pid.
+
+    ``run_env`` is set in the engine before it imports anything (:func:`run_env_of`)."""
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -310,6 +367,7 @@ def start_engine(socket_path: Path, root: Path, flow_files: list[str]) -> int:
         return pid
     code = 0
     try:
+        os.environ.update(run_env or {})
         _preload(root, flow_files, sys.stderr)  # the worker's log
         _Engine(listener, parent, sys.stderr).serve()
     except BaseException:
@@ -385,7 +443,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    cold = args.cold or os.environ.get("DRIFTLOOP_WARM_WORKER", "1").lower() in {"0", "false"}
+    from driftloop.settings import Settings
+
+    cold = args.cold or not Settings().warm_worker
     command: list[str] | None = None
     if not cold:
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
@@ -394,8 +454,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(str(sock)) > 100:  # AF_UNIX paths are short
             sock = Path(f"/tmp/driftloop-warm-{os.getpid()}.sock")
         root = args.root.resolve()
-        files = entrypoints_of(root / "prefect.yaml")
-        start_engine(sock, root, files)
+        spec = root / "prefect.yaml"
+        start_engine(sock, root, entrypoints_of(spec), run_env_of(spec))
         command = client_command(sock)
     _run_worker(args, command)
 

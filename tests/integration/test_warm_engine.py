@@ -5,7 +5,8 @@ probe flow), deployed with ``prefect deploy`` to a pool of its own, served by
 :class:`LocalWorker` (``python -m driftloop.warm_engine``). The probe flow writes
 what its process is: its command line (a fork of the warm engine keeps the worker's;
 Prefect's own command is ``python -m prefect.engine``), its working directory and the
-deployment's environment.
+deployment's environment. A second deployment asks for another OpenBLAS setting than
+the warm engine loaded with, so its runs must start cold.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def probe(mode: str, out: str) -> str:
     cmdline = Path("/proc/self/cmdline").read_bytes().replace(b"\\0", b" ").decode()
     Path(out).write_text(json.dumps({
         "pid": os.getpid(), "cmdline": cmdline, "cwd": os.getcwd(),
-        "mark": os.environ.get("PROBE_MARK"), "sys_path0": sys.path[0],
+        "mark": os.environ.get("PROBE_MARK"), "omp": os.environ.get("OMP_WAIT_POLICY"),
     }))
     if mode == "fail":
         raise RuntimeError("the probe was told to fail")
@@ -68,6 +69,15 @@ def project(tmp_path: Path) -> Path:
                   job_variables:
                     env:
                       PROBE_MARK: from-the-deployment
+                      OMP_WAIT_POLICY: PASSIVE
+              - name: probe-blas
+                entrypoint: flows/probe.py:probe
+                work_pool:
+                  name: warm-probe
+                  job_variables:
+                    env:
+                      OMP_WAIT_POLICY: PASSIVE
+                      OPENBLAS_NUM_THREADS: "1"
             """
         )
     )
@@ -88,6 +98,7 @@ def probe_deployment(
             prefect_server.home,
             name=f"warm-probe-{uuid.uuid4().hex[:6]}",
             cwd=project,
+            env={"OPENBLAS_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"},
             **kwargs,
         )
         workers.append(worker)
@@ -110,8 +121,8 @@ def _api(method: str, url: str, **kwargs: Any) -> Any:
         time.sleep(0.5 * (attempt + 1))
 
 
-def _run(api_url: str, mode: str, out: Path) -> str:
-    dep = local_stack.deployment_id(api_url, "probe", "probe")
+def _run(api_url: str, mode: str, out: Path, deployment: str = "probe") -> str:
+    dep = local_stack.deployment_id(api_url, "probe", deployment)
     body = {"parameters": {"mode": mode, "out": str(out)}}
     return str(_api("POST", f"{api_url}/deployments/{dep}/create_flow_run", json=body)["id"])
 
@@ -180,6 +191,15 @@ def test_a_flow_run_forks_from_the_warm_engine_with_the_runs_environment(
     assert seen["mark"] == "from-the-deployment"  # the deployment's job variables
     assert Path(seen["cwd"]) == project  # the pull step's directory
     _wait_gone(seen["pid"])  # the run's process ends once it finished
+
+    # warm although the worker has OMP_WAIT_POLICY=ACTIVE: the engine loaded its
+    # libraries with the PASSIVE that every deployment gives its runs
+    assert seen["omp"] == "PASSIVE"
+    # a run asking for another load-time setting (OPENBLAS_NUM_THREADS) starts cold
+    blas = tmp_path / "blas.json"
+    run = _run(api, "ok", blas, deployment="probe-blas")
+    assert _wait_state(api, run, {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
+    assert "prefect.engine" in _wait_file(blas)["cmdline"]
 
     # a failing flow is FAILED, as with Prefect's own command
     failing = _run(api, "fail", tmp_path / "fail.json")
