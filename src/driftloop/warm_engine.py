@@ -298,8 +298,9 @@ class _Engine:
         sys.stdout.flush()
         sys.stderr.flush()
         self.log.flush()
-        keep_closed = [self.listener.fileno(), conn.fileno(), self.sel.fileno()]
-        keep_closed += [c.fileno() for c in self.conns.values()]
+        # what the child must not keep: the listener, every connection and pidfd
+        keep_closed = [conn.fileno(), self.sel.fileno()]
+        keep_closed += [key.fd for key in self.sel.get_map().values()]
         pid = os.fork()
         if pid == 0:
             _run_child(header, fds, keep_closed)
