@@ -1,11 +1,12 @@
 """The demo end to end: ``driftloop demo`` in a compressed mode, as a user runs it.
 
-Each test runs the CLI in a subprocess with ``--keep-running`` (so the Prefect server
-is still up to be asked), then asserts from the server's events and the promotion
-ledger that one incident went drift -> retrain -> registered -> rollout steps ->
-promoted (or, with a challenger forced to fail, rolled back), that no acknowledged
-prediction is missing from Delta, and that no automation action failed; finally
-``driftloop demo --stop`` stops everything by PID and the test checks it did.
+The module runs the CLI twice, side by side, in subprocesses with ``--keep-running``
+(so each Prefect server is still up to be asked); each test then asserts from the
+server's events and the promotion ledger that one incident went drift -> retrain ->
+registered -> rollout steps -> promoted (or, with a challenger forced to fail, rolled
+back), that no acknowledged prediction is missing from Delta, and that no automation
+action failed; finally ``driftloop demo --stop`` stops everything by PID and the module
+checks it did.
 """
 
 from __future__ import annotations
@@ -70,31 +71,64 @@ def _pid_alive(pid: int | None) -> bool:
 
 #: the two demos of this module: a healthy loop, and one whose canary is forced to fail
 VARIANTS: dict[str, list[str]] = {"promote": [], "rollback": ["--fail-canary"]}
+#: the second demo starts this much later, so the two set-ups (the CPU-heaviest part)
+#: do not coincide
+STAGGER_SECONDS = 20.0
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[DemoRun, str]]]:
+    """Run both demo variants to their end, side by side (each its own home, stack and
+    ports: two users' demos on one machine); stop what they kept running (``--stop``)
+    afterwards, and check that it stopped."""
+    base = tmp_path_factory.mktemp("demos")
+    homes = {name: base / name / "demo" for name in VARIANTS}
+    procs: dict[str, tuple[subprocess.Popen[str], Path, float]] = {}
+    runs: dict[str, tuple[DemoRun, str]] = {}
+    try:
+        for i, (name, extra) in enumerate(VARIANTS.items()):
+            if i:
+                time.sleep(STAGGER_SECONDS)
+            log = base / f"{name}.log"
+            with log.open("w") as out:
+                proc = subprocess.Popen(
+                    _command(homes[name], *FAST, *extra), cwd=REPO, env=_env(), text=True,
+                    stdout=out, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            procs[name] = (proc, log, time.monotonic())
+        for name, (proc, log, started) in procs.items():
+            left = max(1.0, DEMO_TIMEOUT + 180 - (time.monotonic() - started))
+            try:
+                code: int | str = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                code = "timed out"
+            output = f"after {time.monotonic() - started:.0f} s: exit {code}\n"
+            output += log.read_text(errors="replace")[-10000:]
+            run_dir = latest_run(homes[name])
+            assert run_dir is not None, output
+            runs[name] = (load_run(run_dir), output)
+        yield runs
+    finally:
+        for proc, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        for name, (run, _) in runs.items():
+            stopped = _demo(homes[name], "--stop", timeout=180)
+            assert stopped.returncode == 0, stopped.stderr
+            time.sleep(1.0)
+            for rec in (run.server, run.worker, run.router):
+                assert rec is None or not _pid_alive(rec.pid), (
+                    f"{name}: {rec.name} (pid {rec.pid}) still runs"
+                )
 
 
 @pytest.fixture
-def demo_run(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[DemoRun, str]]:
-    """Run one demo variant to its end (one at a time: each starts a whole stack);
-    stop what it kept running (``--stop``) afterwards, and check that it stopped."""
-    home = tmp_path / "demo"
-    started = time.monotonic()
-    try:
-        done = _demo(home, *FAST, *VARIANTS[request.param], timeout=DEMO_TIMEOUT + 180)
-        output = f"exit {done.returncode}\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
-    except subprocess.TimeoutExpired as exc:
-        output = f"timed out\n{str(exc.stdout or '')[-8000:]}"
-    output = f"after {time.monotonic() - started:.0f} s: {output}"
-    run_dir = latest_run(home)
-    assert run_dir is not None, output
-    run = load_run(run_dir)
-    try:
-        yield run, output
-    finally:
-        stopped = _demo(home, "--stop", timeout=180)
-        assert stopped.returncode == 0, stopped.stderr
-        time.sleep(1.0)
-        for rec in (run.server, run.worker, run.router):
-            assert rec is None or not _pid_alive(rec.pid), f"{rec.name} (pid {rec.pid}) still runs"
+def demo_run(
+    demos: dict[str, tuple[DemoRun, str]], request: pytest.FixtureRequest
+) -> tuple[DemoRun, str]:
+    """One variant's finished demo (see ``demos``)."""
+    return demos[request.param]
 
 
 def _incident_events(run: DemoRun) -> list[events.ReceivedEvent]:

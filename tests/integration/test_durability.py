@@ -31,7 +31,7 @@ from tests.fixtures.world import Server, World, start_bentoml
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CLIENTS = 8
-KILLS = 5
+KILLS = 3
 #: the load is bounded by count as well as by time
 MAX_REQUESTS = 50_000
 #: acknowledged requests wanted after each (re)start before the next kill may happen
