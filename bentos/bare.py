@@ -5,7 +5,9 @@ and response models and the same BentoML options as ``bentos/service.py``, but n
 Feast read, no prediction log and no driftloop metrics: the card and merchant
 features are missing (NaN, which XGBoost routes natively), only the request-time
 fields are encoded. What our service costs over this one is the price of Feast,
-logging and metrics.
+logging and metrics. ``/predict_columns`` is the library's columnar scorer with no
+features, no log and no metrics (``Scorer(..., MissingFeatures(), None,
+record_metrics=False)``).
 
     DRIFTLOOP_MODEL_TAG=fraud:v... bentoml serve bentos.bare:BareModel
 """
@@ -25,7 +27,14 @@ try:  # inside a built Bento the library is shipped under src/
 except ImportError:  # pragma: no cover - only in a Bento without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from driftloop.serving import PredictionResponse, TransactionRequest  # noqa: E402
+from driftloop.serving import (  # noqa: E402
+    MissingFeatures,
+    PredictionColumns,
+    PredictionResponse,
+    Scorer,
+    TransactionColumns,
+    TransactionRequest,
+)
 
 MAX_BATCH = 10_000
 
@@ -51,6 +60,15 @@ class BareModel:
         self.model = registry.load_model(settings.model_tag)
         self.name = settings.model_name
         self.arm = settings.arm
+        self.max_rows = settings.max_batch_rows
+        self.scorer = Scorer(
+            self.model,
+            MissingFeatures(),
+            None,
+            model_name=self.name,
+            arm=self.arm,
+            record_metrics=False,
+        )
 
     def _score(self, requests: list[TransactionRequest]) -> list[PredictionResponse]:
         from datetime import UTC, datetime
@@ -99,3 +117,12 @@ class BareModel:
     ) -> list[PredictionResponse]:
         """Score many transactions in one call (at most 10,000 rows)."""
         return self._score(transactions)
+
+    @bentoml.api
+    def predict_columns(self, columns: TransactionColumns) -> PredictionColumns:
+        """Score a batch given column-wise (as ``bentos/service.py``)."""
+        if columns.rows > self.max_rows:
+            raise bentoml.exceptions.InvalidArgument(
+                f"columns: {columns.rows} rows exceeds the limit of {self.max_rows}"
+            )
+        return self.scorer.score_columns(columns)

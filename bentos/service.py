@@ -10,12 +10,14 @@ A thin adapter over :mod:`driftloop.serving`. The model tag comes from
 
 from __future__ import annotations
 
+import gc
 import sys
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
+from bentoml.validators import ContentType
 from pydantic import Field
 
 try:  # inside a built Bento the library is shipped under src/
@@ -26,12 +28,17 @@ except ImportError:  # pragma: no cover - only in a Bento without the package in
 from driftloop import metrics  # noqa: E402
 from driftloop.online_fast import FastOnlineReader  # noqa: E402
 from driftloop.serving import (  # noqa: E402
+    ARROW_STREAM,
     FeedbackRequest,
     FeedbackResponse,
+    PredictionColumns,
     PredictionResponse,
     Scorer,
+    TransactionColumns,
     TransactionRequest,
+    columns_from_arrow,
     label_record,
+    predictions_to_arrow,
     token_ok,
 )
 
@@ -120,6 +127,10 @@ class FraudModel:
         )
         self._backlog = metrics.PREDLOG_BACKLOG.labels(settings.model_name, self.model.version)
         self._backlog.set_function(self.predictions.backlog_rows)
+        # What exists now (Feast registry and protobufs, the model, pydantic schemas) lives
+        # as long as the worker: keep it out of the collector's full passes, which the
+        # containers of a batch of thousands of rows would otherwise trigger mid-request.
+        gc.freeze()
 
     @bentoml.api
     def predict(self, transaction: TransactionRequest) -> PredictionResponse:
@@ -129,16 +140,48 @@ class FraudModel:
     @bentoml.api
     def predict_batch(
         self,
-        transactions: Annotated[list[TransactionRequest], Field(min_length=1, max_length=MAX_BATCH)],
+        transactions: Annotated[
+            list[TransactionRequest], Field(min_length=1, max_length=MAX_BATCH)
+        ],
     ) -> list[PredictionResponse]:
         """Score many transactions in one call (at most 10,000 rows)."""
-        if len(transactions) > self.settings.max_batch_rows:
-            metrics.ERRORS.labels(self.settings.model_name, self.model.version, "batch_too_large").inc()
-            raise bentoml.exceptions.InvalidArgument(
-                f"transactions: {len(transactions)} rows exceeds the limit of "
-                f"{self.settings.max_batch_rows}"
-            )
+        self._check_rows("transactions", len(transactions))
         return self.scorer.score(transactions, endpoint="predict_batch")
+
+    @bentoml.api
+    def predict_columns(self, columns: TransactionColumns) -> PredictionColumns:
+        """Score a batch given column-wise, the fast batch path: one array per field.
+
+        At most ``DRIFTLOOP_MAX_BATCH_ROWS`` rows; answers column-wise, in row order.
+        """
+        self._check_rows("columns", columns.rows)
+        return self.scorer.score_columns(columns, endpoint="predict_columns")
+
+    @bentoml.api
+    def predict_arrow(
+        self, table: Annotated[Path, ContentType(ARROW_STREAM)], /
+    ) -> Annotated[bytes, ContentType(ARROW_STREAM)]:
+        """Score a batch sent as an Arrow IPC stream (or a Parquet file) body.
+
+        The columns and rules of ``predict_columns``; answers an Arrow IPC stream.
+        """
+        from driftloop.errors import DataError
+
+        try:
+            columns = columns_from_arrow(table.read_bytes())
+        except DataError as exc:
+            raise bentoml.exceptions.InvalidArgument(str(exc)) from exc
+        self._check_rows("table", columns.rows)
+        return predictions_to_arrow(self.scorer.score_columns(columns, endpoint="predict_arrow"))
+
+    def _check_rows(self, field: str, rows: int) -> None:
+        if rows > self.settings.max_batch_rows:
+            metrics.ERRORS.labels(
+                self.settings.model_name, self.model.version, "batch_too_large"
+            ).inc()
+            raise bentoml.exceptions.InvalidArgument(
+                f"{field}: {rows} rows exceeds the limit of {self.settings.max_batch_rows}"
+            )
 
     @bentoml.api
     def feedback(self, label: FeedbackRequest, ctx: bentoml.Context) -> FeedbackResponse:

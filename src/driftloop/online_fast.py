@@ -18,12 +18,22 @@ itself. Same store, same keys, same rows, same semantics as ``online_features``:
 * the view ttl is not enforced unless ``as_of`` is given (then values of a row older
   than the ttl at ``as_of`` are nulled, timestamps kept), as in ``online_features``.
 
+:meth:`FastOnlineReader.columns` answers a whole batch column-wise (numpy arrays, see
+:class:`driftloop.serving.OnlineColumns`): one lookup per view for the batch's distinct
+entities. On the embedded SQLite store it runs the query ``SqliteOnlineStore.online_read``
+runs, on Feast's own connection, without building a ``ValueProto`` dict per entity and a
+``datetime`` per row (~5x faster for thousands of entities); on any other online store it
+goes through ``online_read`` as above.
+
 The feature service and its views are resolved from the registry once and refreshed
 every minute, like :func:`driftloop.features._feature_service`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -31,11 +41,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 
 from driftloop import features
 from driftloop.errors import FeatureStoreError
 from driftloop.schema import CARD_FEATURES, MERCHANT_FEATURES
+from driftloop.serving import OnlineColumns
 from driftloop.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,6 +57,12 @@ _REFRESH_SECONDS = 60.0
 #: the request entity each view is keyed by (position in ``read``'s arguments)
 _VIEW_ENTITY = {features.CARD_VIEW: 0, features.MERCHANT_VIEW: 1}
 _TS = pl.Datetime("us", "UTC")
+_VIEW_NAMES = {features.CARD_VIEW: CARD_FEATURES, features.MERCHANT_VIEW: MERCHANT_FEATURES}
+#: entity keys per SQLite query (well below SQLite's limit of bound parameters)
+_SQLITE_CHUNK = 5_000
+#: fewer distinct entities than this are read through ``online_read`` (cheaper for a few)
+_SQLITE_MIN_IDS = 16
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,7 @@ class FastOnlineReader:
         except Exception as exc:
             raise FeatureStoreError(f"no online store provider: {exc}") from exc
         self._resolve()
+        self._sqlite = _SqliteRows.create(self._provider, self._config)
 
     # -- registry ----------------------------------------------------------------------
     def _resolve(self) -> tuple[_View, ...]:
@@ -185,17 +204,65 @@ class FastOnlineReader:
         if len(card_ids) != len(merchant_ids):
             raise ValueError("card_ids and merchant_ids must have the same length")
         result: list[list[dict[str, Any] | None]] = [[None] * len(card_ids) for _ in range(2)]
-        names = {features.CARD_VIEW: CARD_FEATURES, features.MERCHANT_VIEW: MERCHANT_FEATURES}
         for view, rows in self._lookup((card_ids, merchant_ids)):
             target = result[_VIEW_ENTITY[view.name]]
             for n, row in enumerate(rows):
                 if row is None:
                     continue
                 ts, values = row
-                entity = {f: values.get(f) for f in names[view.name]}
+                entity = {f: values.get(f) for f in _VIEW_NAMES[view.name]}
                 entity["event_timestamp"] = ts.timestamp()
                 target[n] = entity
         return result[0], result[1]
+
+    def columns(
+        self, card_ids: Sequence[int] | np.ndarray, merchant_ids: Sequence[int] | np.ndarray
+    ) -> OnlineColumns:
+        """:meth:`read`'s answer column-wise, for a whole batch (see :class:`OnlineColumns`).
+
+        Values are floats (NaN where :meth:`read` has None); each view is read once for
+        the batch's distinct entity ids.
+        """
+        cards = np.asarray(card_ids, dtype=np.int64)
+        merchants = np.asarray(merchant_ids, dtype=np.int64)
+        if cards.shape != merchants.shape or cards.ndim != 1:
+            raise ValueError("card_ids and merchant_ids must have the same length")
+        n = len(cards)
+        nan = np.full(n, np.nan)
+        values: dict[str, np.ndarray] = {f: nan for f in (*CARD_FEATURES, *MERCHANT_FEATURES)}
+        stamps = [nan, nan]
+        for view in self._resolve():
+            position = _VIEW_ENTITY[view.name]
+            distinct, inverse = np.unique((cards, merchants)[position], return_inverse=True)
+            ts, matrix = self._view_columns(view, distinct)
+            stamps[position] = ts[inverse]
+            for j, f in enumerate(view.features):
+                if f in _VIEW_NAMES[view.name]:
+                    values[f] = matrix[inverse, j]
+        return OnlineColumns(values, stamps[0], stamps[1])
+
+    def _view_columns(self, view: _View, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For distinct ``ids``: the event time of each one's row (epoch seconds, NaN when
+        unknown) and its values (rows x ``view.features``, NaN when missing)."""
+        if self._sqlite is not None and len(ids) >= _SQLITE_MIN_IDS:
+            try:
+                found = self._sqlite.read(view, ids)
+            except FeatureStoreError:
+                raise
+            except Exception as exc:
+                raise FeatureStoreError(f"online read of {view.name} failed: {exc}") from exc
+            if found is not None:
+                return found
+        ts = np.full(len(ids), np.nan)
+        matrix = np.full((len(ids), len(view.features)), np.nan)
+        rows = self._read_view(view, ids.tolist())
+        for i, entity in enumerate(ids.tolist()):
+            row = rows.get(entity)
+            if row is None:
+                continue
+            ts[i] = row[0].timestamp()
+            matrix[i] = [_number(row[1].get(f)) for f in view.features]
+        return ts, matrix
 
     def frame(
         self,
@@ -243,6 +310,209 @@ _MICROSECOND = timedelta(microseconds=1)
 
 def _micros(ts: datetime) -> int:
     return (ts - _EPOCH) // _MICROSECOND
+
+
+def _number(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise FeatureStoreError(f"online feature value {value!r} is not a number") from exc
+
+
+class _SqliteRows:
+    """Batch reads of Feast's embedded SQLite online store (``SqliteOnlineStore``).
+
+    The query of ``SqliteOnlineStore.online_read`` (same table, same serialised entity
+    keys, rows in the same order, on the store's own connection), decoded in bulk:
+
+    * an entity with no row is unknown; its event time is that of its last row returned,
+      as ``online_read`` takes it (``datetime.fromtimestamp`` of the stored epoch seconds,
+      read as UTC);
+    * values are decoded from the stored ``ValueProto`` bytes; a null value is missing.
+
+    :meth:`create` returns None when the store is not Feast's SQLite store or its internals
+    are not what this was written against (then the reader uses ``online_read``).
+    """
+
+    def __init__(self, online_store: Any, config: Any) -> None:
+        from feast.infra.online_stores.sqlite import _quote_id, _table_id
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        self._online_store = online_store
+        self._config = config
+        self._quote_id = _quote_id
+        self._table_id = _table_id
+        self._parse = Value.FromString
+        self._prefixes: dict[str, bytes | None] = {}
+
+    @classmethod
+    def create(cls, provider: Any, config: Any) -> _SqliteRows | None:
+        try:
+            from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+            online_store = provider.online_store
+            if not isinstance(online_store, SqliteOnlineStore):
+                return None
+            return cls(online_store, config)
+        except Exception as exc:  # any surprise: the generic path still works
+            logger.warning("no batch reads of the SQLite online store: %s", exc)
+            return None
+
+    def _prefix(self, join_key: str) -> bytes | None:
+        """The serialised entity key of ``join_key`` minus the 8 bytes of the int64 id,
+        checked against Feast's own ``serialize_entity_key`` (None if it differs)."""
+        if join_key in self._prefixes:
+            return self._prefixes[join_key]
+        from feast.infra.key_encoding_utils import serialize_entity_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        def feast_key(i: int) -> bytes:
+            return serialize_entity_key(
+                EntityKey(join_keys=[join_key], entity_values=[Value(int64_val=i)]),
+                entity_key_serialization_version=self._config.entity_key_serialization_version,
+            )
+
+        prefix: bytes | None = feast_key(0)[:-8]
+        for probe in (0, 1, 2**40 + 7, 2**62):
+            if feast_key(probe) != (prefix or b"") + struct.pack("<q", probe):
+                logger.warning(
+                    "unexpected Feast entity key encoding for %s: no batch reads", join_key
+                )
+                prefix = None
+                break
+        self._prefixes[join_key] = prefix
+        return prefix
+
+    def read(self, view: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(event times, values) of distinct ``ids``; None to use the generic path."""
+        prefix = self._prefix(view.join_key)
+        if prefix is None:
+            return None
+        pack = struct.Struct("<q").pack
+        keys = [prefix + pack(i) for i in ids.tolist()]
+        index = {k: i for i, k in enumerate(keys)}
+        position = {f: j for j, f in enumerate(view.features)}
+        conn = self._online_store._get_conn(self._config)
+        table = self._quote_id(
+            self._table_id(
+                self._config.project,
+                view.table,
+                self._config.registry.enable_online_feature_view_versioning,
+            )
+        )
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(keys), _SQLITE_CHUNK):
+            chunk = keys[start : start + _SQLITE_CHUNK]
+            # ifnull() hides the column's declared type: no datetime per row from the
+            # connection's converter, the stored epoch seconds come back as they are
+            cursor = conn.execute(
+                f"SELECT entity_key, feature_name, value, ifnull(event_ts, NULL) "
+                f"FROM {table} WHERE entity_key IN ({','.join('?' * len(chunk))}) "
+                f"ORDER BY entity_key",
+                chunk,
+            )
+            rows.extend(cursor.fetchall())
+        ts = np.full(len(keys), np.nan)
+        matrix = np.full((len(keys), len(position)), np.nan)
+        if not rows:
+            return ts, matrix
+        row_keys, names, blobs, stamps = zip(*rows, strict=True)
+        if set(map(type, stamps)) != {int}:
+            return None  # not epoch seconds: let online_read decide
+        entity = list(map(index.__getitem__, row_keys))
+        last = dict(zip(entity, stamps, strict=True))  # the last row of an entity wins
+        ts[list(last)] = _feast_epoch_seconds(np.fromiter(last.values(), np.int64, len(last)))
+        column = list(map(position.get, names))
+        wanted = [k for k, j in enumerate(column) if j is not None]
+        values = decode_values([blobs[k] for k in wanted], self._parse)
+        matrix[
+            np.fromiter((entity[k] for k in wanted), np.intp, len(wanted)),
+            np.fromiter((column[k] for k in wanted), np.intp, len(wanted)),
+        ] = values
+        return ts, matrix
+
+
+# wire-format tags of the scalar fields of feast.types.Value (field number << 3 | wire type)
+_TAG_DOUBLE = 5 << 3 | 1  # double_val, fixed64
+_TAG_FLOAT = 6 << 3 | 5  # float_val, fixed32
+_VARINT_TAGS = (
+    3 << 3,  # int32_val
+    4 << 3,  # int64_val
+    7 << 3,  # bool_val
+    8 << 3,  # unix_timestamp_val
+)
+_NULL = bytes([19 << 3 | 0x80, 0x01, 0x00])  # null_val = NULL (tag 152 as a 2-byte varint)
+
+
+def decode_values(blobs: Sequence[bytes], parse: Any = None) -> np.ndarray:
+    """Serialised ``feast.types.Value`` messages as floats (NaN for null or unset).
+
+    The scalar numeric encodings (double, float, int32, int64, bool, unix timestamp, null)
+    are decoded in bulk with numpy: one message holding exactly one such field, as protobuf
+    writes it. Anything else is parsed with protobuf (``parse``, ``Value.FromString``) and
+    must be a number. Same values as ``float(getattr(value, value.WhichOneof("val")))``.
+    """
+    n = len(blobs)
+    out = np.full(n, np.nan)
+    if not n:
+        return out
+    lengths = np.fromiter(map(len, blobs), np.int64, n)
+    buf = np.frombuffer(b"".join(blobs) + b"\0" * 11, dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    tag = np.where(lengths > 0, buf[starts], 0)
+    done = lengths == 0  # no field set: missing
+    for size, code, dtype in ((9, _TAG_DOUBLE, "<f8"), (5, _TAG_FLOAT, "<f4")):
+        hit = (lengths == size) & (tag == code)
+        if hit.any():
+            raw = buf[starts[hit, None] + np.arange(1, size)]
+            out[hit] = raw.copy().view(dtype).ravel()
+            done |= hit
+    varint = np.isin(tag, _VARINT_TAGS)
+    for size in range(2, 12):  # a tag byte and a varint of 1 to 10 bytes
+        hit = varint & (lengths == size)
+        if not hit.any():
+            continue
+        raw = buf[starts[hit, None] + np.arange(1, size)].astype(np.uint64)
+        more = (raw & 0x80) != 0
+        valid = more[:, :-1].all(axis=1) & ~more[:, -1]
+        value = np.zeros(len(raw), dtype=np.uint64)
+        for k in range(size - 1):
+            value |= (raw[:, k] & np.uint64(0x7F)) << np.uint64(7 * k)
+        rows = np.flatnonzero(hit)[valid]
+        out[rows] = value[valid].view(np.int64)
+        done[rows] = True
+    rest = np.flatnonzero(~done)
+    if len(rest):
+        if parse is None:
+            from feast.protos.feast.types.Value_pb2 import Value
+
+            parse = Value.FromString
+        for k in rest.tolist():
+            blob = blobs[k]
+            if blob == _NULL:
+                continue
+            message = parse(blob)
+            kind = message.WhichOneof("val")
+            if kind is None or kind == "null_val":
+                continue
+            out[k] = _number(getattr(message, kind))
+    return out
+
+
+def _feast_epoch_seconds(stored: np.ndarray) -> np.ndarray:
+    """The event times ``SqliteOnlineStore.online_read`` returns, as epoch seconds: it
+    reads the stored integer with ``datetime.fromtimestamp`` (local time) and labels the
+    naive result UTC. The same as the integer itself when local time is UTC."""
+    if time.timezone == 0 and time.altzone == 0:
+        return stored.astype(np.float64)
+    distinct, inverse = np.unique(stored, return_inverse=True)
+    converted = np.array(
+        [datetime.fromtimestamp(int(v)).replace(tzinfo=UTC).timestamp() for v in distinct]
+    )
+    return converted[inverse]
 
 
 __all__ = ["FastOnlineReader"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+import numpy as np
 import orjson
 import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
@@ -64,6 +65,11 @@ LABEL_LOOKBACK = timedelta(days=1)
 SEGMENTS_KEY = "driftloop.segments"
 
 _JSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NAIVE_UTC | orjson.OPT_SERIALIZE_NUMPY
+#: a columnar append of fewer rows is encoded record by record (orjson, cheaper for a
+#: handful of rows); from this many rows on, as one polars frame (cheaper per row)
+COLUMNAR_MIN_ROWS = 64
+#: how a columnar append spells timestamps (RFC 3339, UTC; spool.parse_lines reads it)
+_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
 
 @dataclass(frozen=True)
@@ -345,9 +351,43 @@ class SpooledLog:
                 raise SchemaError(f"{self.spec.name} record cannot be encoded: {exc}") from exc
         self._writer.write(b"".join(parts), len(parts))
 
+    def append_columns(self, columns: Mapping[str, Any], rows: int) -> None:
+        """Durably spool ``rows`` records given column-wise, in one write.
+
+        Each value of ``columns`` is a column of ``rows`` values (numpy array or list;
+        NaN and NaT are missing) or one value for every row. The records are those
+        :meth:`append` would write for :func:`records_from_columns` (same columns, same
+        checks, same guarantee when this returns); a large batch is encoded as one polars
+        frame instead of record by record.
+        """
+        if rows <= 0:
+            return
+        if not self.spec.columns.issuperset(columns):
+            unknown = sorted(set(columns) - self.spec.columns)
+            raise SchemaError(f"{self.spec.name} record has unknown columns {unknown}")
+        if rows < COLUMNAR_MIN_ROWS:
+            self.append(records_from_columns(columns, rows))
+            return
+        frame = self._complete_frame(_frame(columns, rows, self.spec))
+        try:
+            payload = frame.with_columns(
+                pl.col(c).dt.strftime(_TIMESTAMP_FORMAT)
+                for c, t in frame.schema.items()
+                if isinstance(t, pl.Datetime)
+            ).write_ndjson()
+        except pl.exceptions.PolarsError as exc:
+            raise SchemaError(f"{self.spec.name} records cannot be encoded: {exc}") from exc
+        self._writer.write(payload.encode(), rows)
+
     def _complete(self, record: Mapping[str, Any]) -> Mapping[str, Any]:
         """Fill defaults and check required fields; must stay cheap."""
         return record
+
+    def _complete_frame(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """:meth:`_complete` for a frame of records (override with a vectorised one)."""
+        records = [self._complete(r) for r in frame.iter_rows(named=True)]
+        names = dict.fromkeys(k for r in records for k in r)
+        return pl.from_dicts(records, schema={k: self.spec.schema[k] for k in names})
 
     # lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -445,6 +485,17 @@ class PredictionLog(SpooledLog):
             return {**record, "received_at": datetime.now(UTC)}
         return record
 
+    def _complete_frame(self, frame: pl.DataFrame) -> pl.DataFrame:
+        if "request_id" not in frame.columns or frame["request_id"].null_count():
+            raise SchemaError("a prediction record needs a request_id")
+        if "received_at" not in frame.columns or frame["received_at"].null_count():
+            now = pl.lit(datetime.now(UTC), dtype=self.spec.schema["received_at"])
+            received = pl.col("received_at") if "received_at" in frame.columns else None
+            return frame.with_columns(
+                now.alias("received_at") if received is None else received.fill_null(now)
+            )
+        return frame
+
 
 class LabelLog(SpooledLog):
     """The log of labels (Delta table ``labels``); duplicates are resolved at read time."""
@@ -463,6 +514,63 @@ class LabelLog(SpooledLog):
                 "received_at": record.get("received_at") or datetime.now(UTC),
             }
         return record
+
+
+# -- columnar records ------------------------------------------------------------------
+def _is_column(values: Any) -> bool:
+    return isinstance(values, np.ndarray | list | tuple | pl.Series)
+
+
+def _column_values(name: str, values: Any, rows: int) -> list[Any]:
+    """One column as ``rows`` Python values: NaN and NaT as None, a scalar repeated."""
+    if not _is_column(values):
+        return [values] * rows
+    if len(values) != rows:
+        raise SchemaError(f"column {name} has {len(values)} values, expected {rows}")
+    if isinstance(values, pl.Series):
+        values = values.to_numpy() if values.dtype.is_float() else values.to_list()
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind == "f":
+            return [None if v != v else v for v in values.tolist()]
+        if values.dtype.kind == "M":
+            return values.astype("datetime64[us]").tolist()  # naive UTC; NaT -> None
+        return values.tolist()
+    return list(values)
+
+
+def records_from_columns(columns: Mapping[str, Any], rows: int) -> list[dict[str, Any]]:
+    """Records (dicts) from columns as :meth:`SpooledLog.append_columns` takes them.
+
+    numpy datetimes come out as naive datetimes, which the log reads as UTC.
+    """
+    names = list(columns)
+    values = [_column_values(n, columns[n], rows) for n in names]
+    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+
+
+def _frame(columns: Mapping[str, Any], rows: int, spec: TableSpec) -> pl.DataFrame:
+    """A frame of ``spec``'s types from columns as :meth:`SpooledLog.append_columns`
+    takes them; raises :class:`SchemaError` on a value that does not fit its column."""
+    series = []
+    for name, values in columns.items():
+        dtype = spec.schema[name]
+        try:
+            if not _is_column(values):
+                s = pl.Series(name, [values], dtype=dtype, strict=True).new_from_index(0, rows)
+            elif len(values) != rows:
+                raise SchemaError(f"column {name} has {len(values)} values, expected {rows}")
+            elif isinstance(values, np.ndarray) and values.dtype.kind == "M":
+                s = pl.Series(name, values.astype("datetime64[us]")).dt.replace_time_zone("UTC")
+            elif isinstance(values, np.ndarray) and values.dtype.kind == "f":
+                s = pl.Series(name, values, nan_to_null=True)
+            elif isinstance(values, np.ndarray | pl.Series):
+                s = pl.Series(name, values)
+            else:
+                s = pl.Series(name, values, dtype=dtype, strict=True)
+            series.append(s.cast(dtype, strict=True))
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as exc:
+            raise SchemaError(f"{spec.name} column {name} does not fit {dtype}: {exc}") from exc
+    return pl.DataFrame(series)
 
 
 # -- reads ---------------------------------------------------------------------------
@@ -609,5 +717,6 @@ __all__ = [
     "latest_labels",
     "read_labels",
     "read_predictions",
+    "records_from_columns",
     "ship_all",
 ]
