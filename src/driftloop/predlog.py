@@ -2,8 +2,11 @@
 
 Request path: :meth:`SpooledLog.append` encodes the records as JSON lines and hands
 them to the kernel (:mod:`driftloop.spool`) before it returns; it never waits on
-Delta. A background thread seals segments by age and ships sealed segments into the
-Delta table in large batches (many segments per commit).
+Delta. :meth:`SpooledLog.append_columns` (a batch given column-wise) writes a large
+batch as one Arrow record into Arrow segments instead (its own spool writer), which the
+shipper passes to Delta without parsing text. A background thread seals segments by
+age and ships sealed segments of both kinds into the Delta table in large batches
+(many segments per commit).
 
 Exactly once: each commit carries one Delta *application transaction* per spool
 writer, ``(app_id=<writer id>, version=<highest segment number shipped>)``, in the
@@ -22,6 +25,7 @@ the ``date`` partition column, so only the partitions of the window are read.
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import threading
@@ -65,11 +69,9 @@ LABEL_LOOKBACK = timedelta(days=1)
 SEGMENTS_KEY = "driftloop.segments"
 
 _JSON_OPTIONS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NAIVE_UTC | orjson.OPT_SERIALIZE_NUMPY
-#: a columnar append of fewer rows is encoded record by record (orjson, cheaper for a
-#: handful of rows); from this many rows on, as one polars frame (cheaper per row)
+#: a columnar append of fewer rows is encoded record by record as JSON lines (orjson,
+#: cheaper for a handful of rows); from this many rows on, as one Arrow record
 COLUMNAR_MIN_ROWS = 64
-#: how a columnar append spells timestamps (RFC 3339, UTC; spool.parse_lines reads it)
-_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
 
 @dataclass(frozen=True)
@@ -248,12 +250,13 @@ class Shipper:
     def _read(self, seg: spool.Segment, result: ShipResult) -> pl.DataFrame:
         frame, rejected = spool.read_segment(seg, self.spec.schema)
         if rejected:
-            target = self.directory / spool.REJECTED_DIR / f"{seg.name.id}.jsonl"
+            suffix = spool.REJECTED_SUFFIXES[seg.kind]
+            target = self.directory / spool.REJECTED_DIR / f"{seg.name.id}{suffix}"
             target.parent.mkdir(exist_ok=True)
             target.write_bytes(b"".join(rejected))
             result.rejected_rows += len(rejected)
             logger.error(
-                "%d lines of spool segment %s do not fit the %s schema; kept in %s",
+                "%d records of spool segment %s do not fit the %s schema; kept in %s",
                 len(rejected),
                 seg.name.id,
                 self.spec.name,
@@ -312,12 +315,19 @@ class SpooledLog:
     ) -> None:
         self.settings = settings
         self.directory = directory or settings.spool_dir / self.spec.name
-        self._writer = spool.SpoolWriter(
-            self.directory,
-            max_rows=settings.spool_segment_rows,
-            max_age_seconds=settings.spool_segment_seconds,
-            fsync=spool.SPOOL_FSYNC_DEFAULT if fsync is None else fsync,
+        self.fsync = settings.spool_fsync if fsync is None else fsync
+        # one writer per segment kind: rows as JSON lines, column-wise batches as Arrow
+        self._writer, self._arrow_writer = (
+            spool.SpoolWriter(
+                self.directory,
+                max_rows=settings.spool_segment_rows,
+                max_age_seconds=settings.spool_segment_seconds,
+                fsync=self.fsync,
+                kind=kind,
+            )
+            for kind in (spool.JSON, spool.ARROW)
         )
+        self._writers = (self._writer, self._arrow_writer)
         self._shipper = Shipper(settings, self.spec, self.directory) if ship else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -326,7 +336,13 @@ class SpooledLog:
 
     @property
     def writer_id(self) -> str:
+        """The id of the writer of JSON-lines segments (:meth:`append`)."""
         return self._writer.writer_id
+
+    @property
+    def arrow_writer_id(self) -> str:
+        """The id of the writer of Arrow segments (large :meth:`append_columns`)."""
+        return self._arrow_writer.writer_id
 
     # request path ------------------------------------------------------------------
     def append(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -357,8 +373,9 @@ class SpooledLog:
         Each value of ``columns`` is a column of ``rows`` values (numpy array or list;
         NaN and NaT are missing) or one value for every row. The records are those
         :meth:`append` would write for :func:`records_from_columns` (same columns, same
-        checks, same guarantee when this returns); a large batch is encoded as one polars
-        frame instead of record by record.
+        checks, same guarantee when this returns). A large batch goes to the Arrow
+        segments as one record (one Arrow IPC stream of all the table's columns, framed
+        and checksummed, in one write) instead of one JSON line per row.
         """
         if rows <= 0:
             return
@@ -369,15 +386,17 @@ class SpooledLog:
             self.append(records_from_columns(columns, rows))
             return
         frame = self._complete_frame(_frame(columns, rows, self.spec))
+        schema = self.spec.schema
         try:
-            payload = frame.with_columns(
-                pl.col(c).dt.strftime(_TIMESTAMP_FORMAT)
-                for c, t in frame.schema.items()
-                if isinstance(t, pl.Datetime)
-            ).write_ndjson()
+            frame = frame.select(
+                pl.col(c) if c in frame.columns else pl.lit(None, dtype=t).alias(c)
+                for c, t in schema.items()
+            ).cast(dict(schema), strict=True)  # type: ignore[arg-type]
+            buffer = io.BytesIO()
+            frame.write_ipc_stream(buffer, compression="uncompressed")
         except pl.exceptions.PolarsError as exc:
             raise SchemaError(f"{self.spec.name} records cannot be encoded: {exc}") from exc
-        self._writer.write(payload.encode(), rows)
+        self._arrow_writer.write(spool.frame_arrow(buffer.getbuffer(), rows), rows)
 
     def _complete(self, record: Mapping[str, Any]) -> Mapping[str, Any]:
         """Fill defaults and check required fields; must stay cheap."""
@@ -404,19 +423,21 @@ class SpooledLog:
         self._thread.start()
 
     def stop(self, *, flush: bool = True) -> ShipResult | None:
-        """Stop the thread and seal the open segment; with ``flush`` ship everything."""
+        """Stop the thread and seal the open segments; with ``flush`` ship everything."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._writer.close()
+        for writer in self._writers:
+            writer.close()
         if flush and self._shipper is not None:
             return self._ship(wait=True)
         return None
 
     def flush(self) -> ShipResult | None:
-        """Seal the open segment and ship now (blocking); None when ship=False."""
-        self._writer.seal()
+        """Seal the open segments and ship now (blocking); None when ship=False."""
+        for writer in self._writers:
+            writer.seal()
         return self._ship(wait=True) if self._shipper is not None else None
 
     def __enter__(self) -> Self:
@@ -435,7 +456,7 @@ class SpooledLog:
         segments, rows, oldest = spool.sealed_backlog(self.directory)
         return SpoolStats(
             table=self.spec.name,
-            open_rows=self._writer.open_rows,
+            open_rows=self._open_rows(),
             sealed_segments=segments,
             sealed_rows=rows,
             oldest_sealed_seconds=oldest,
@@ -448,9 +469,12 @@ class SpooledLog:
         """Records spooled and not yet in Delta: this writer's open segment plus every
         sealed segment of the directory (shared by all processes using it: aggregate
         such gauges with max, not sum). Cheap enough for ``Gauge.set_function``."""
-        return self._writer.open_rows + sum(s.rows for s in spool.list_sealed(self.directory))
+        return self._open_rows() + sum(s.rows for s in spool.list_sealed(self.directory))
 
     # internals -----------------------------------------------------------------------
+    def _open_rows(self) -> int:
+        return sum(writer.open_rows for writer in self._writers)
+
     def _ship(self, *, wait: bool) -> ShipResult:
         assert self._shipper is not None
         return self._shipper.ship(wait=wait, stop=None if wait else self._stop)
@@ -461,7 +485,8 @@ class SpooledLog:
         next_ship = 0.0  # first pass at once: recovery
         while not self._stop.is_set():
             try:
-                self._writer.seal_if_older()
+                for writer in self._writers:
+                    writer.seal_if_older()
                 if self._shipper is not None and time.monotonic() >= next_ship:
                     self._ship(wait=False)
                     next_ship = time.monotonic() + interval

@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     spool_segment_seconds: Annotated[float, Field(gt=0)] = 2.0
     shipper_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
     shipper_batch_segments: Annotated[int, Field(ge=1)] = 64
+    spool_fsync: bool = Field(
+        default=False,
+        description=(
+            "fsync every spool write (and the spool directory on each new or sealed "
+            "segment): records then survive a machine crash, not only a process crash, "
+            "at the cost of a disk flush per request"
+        ),
+    )
 
     # monitoring thresholds
     drift_psi_threshold: Annotated[float, Field(gt=0)] = 0.2

@@ -1,4 +1,4 @@
-"""A crash-safe local spool: append-only segment files of JSON lines.
+"""A crash-safe local spool: append-only segment files of JSON lines or Arrow records.
 
 The request path of a service writes records here and returns; a shipper
 (:mod:`driftloop.predlog`) later moves sealed segments into Delta in large batches.
@@ -6,10 +6,25 @@ The request path of a service writes records here and returns; a shipper
 Layout of one spool directory (one per table)::
 
     <writer>.<seq>.new           a segment being created (locked, then renamed to .open)
-    <writer>.<seq>.open          the segment a live writer is appending to (flock held)
-    <writer>.<seq>.<rows>.seg    a sealed segment: immutable, waiting to be shipped
+    <writer>.<seq>.open          the JSON-lines segment a live writer is appending to
+                                 (flock held)
+    <writer>.<seq>.<rows>.seg    a sealed JSON-lines segment: immutable, waiting to be shipped
+    <writer>.<seq>.aopen         an Arrow segment being appended to (flock held)
+    <writer>.<seq>.<rows>.aseg   a sealed Arrow segment
     rejected/<writer>.<seq>.jsonl  lines of a segment that could not be parsed
+    rejected/<writer>.<seq>.arecords  framed Arrow records that could not be decoded
     .ship.lock                   flock taken by whichever process ships this directory
+
+Two kinds of segment (:data:`JSON` and :data:`ARROW`), one kind per writer:
+
+* JSON lines, one record per line: what the row endpoints and old spools hold.
+* Arrow records, for column-wise appends: each ``write`` is one framed record holding a
+  whole batch as an Arrow IPC stream (:func:`frame_arrow`)::
+
+      b"DLA1" | rows (u32 LE) | payload length (u64 LE) | payload | crc32 (u32 LE) | b"DLA\n"
+
+  The crc32 covers the row count, the length and the payload. The shipper hands the
+  decoded batches to Delta as they are: no text to parse.
 
 ``<writer>`` is ``<start ms, hex>-<pid>-<random>``: unique per writer, so several
 processes can share one directory. ``<seq>`` counts the writer's segments from 1; a
@@ -18,16 +33,23 @@ shipped up to segment N" as one Delta application transaction.
 
 Durability: :meth:`SpoolWriter.write` hands the bytes to the kernel with one
 ``write(2)`` before it returns, so a SIGKILL of the process loses nothing that was
-acknowledged. Surviving a machine crash also needs ``fsync=True`` (one fsync per
-write; off by default, see :data:`SPOOL_FSYNC_DEFAULT`).
+acknowledged. Surviving a machine (or kernel) crash also needs ``fsync=True``: one
+fsync per write, plus one of the directory per segment created or sealed. Services
+turn it on with the setting ``spool_fsync`` (``DRIFTLOOP_SPOOL_FSYNC=true``); it is off
+by default (:data:`SPOOL_FSYNC_DEFAULT`), since a disk flush per request costs far more
+than the rest of the request path.
 
 Liveness: a writer holds an exclusive ``flock`` on its open segment. The kernel
 drops it when the process dies, so :func:`seal_orphans` can tell a dead writer's
 segment (lock obtainable) from a live one (lock busy) without pids or heartbeats.
 This needs a local file system (flock is not reliable on every network mount).
 
-A crash mid-write leaves a torn last line (no trailing newline); readers cut the
-data at the last newline, so the partial record is skipped, never parsed.
+A crash mid-write leaves a torn last record: for JSON lines, a last line with no
+newline, which readers cut off (the partial record is skipped, never parsed); for
+Arrow, a record whose frame is incomplete or whose checksum does not match, which
+readers (and orphan sealing, when it counts rows) stop before. Everything before it
+is recovered. A failed write seals its segment, so a torn record is always the last
+one of its segment.
 """
 
 from __future__ import annotations
@@ -37,12 +59,15 @@ import fcntl
 import io
 import logging
 import os
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
@@ -50,14 +75,33 @@ from driftloop.errors import LogError
 
 logger = logging.getLogger(__name__)
 
-#: fsync each write (survives a machine crash, costs a disk flush per call); there is
-#: no setting for it yet, so this is the default when a writer is not told otherwise.
+#: fsync each write (survives a machine crash, costs a disk flush per call): the default
+#: of a writer that is not told; services follow the setting ``spool_fsync``.
 SPOOL_FSYNC_DEFAULT = False
 
+SegmentKind = Literal["json", "arrow"]
+JSON: SegmentKind = "json"
+ARROW: SegmentKind = "arrow"
 OPEN_SUFFIX = ".open"
 TEMP_SUFFIX = ".new"
 SEALED_SUFFIX = ".seg"
+ARROW_OPEN_SUFFIX = ".aopen"
+ARROW_SEALED_SUFFIX = ".aseg"
+_SUFFIXES: dict[SegmentKind, tuple[str, str]] = {
+    JSON: (OPEN_SUFFIX, SEALED_SUFFIX),
+    ARROW: (ARROW_OPEN_SUFFIX, ARROW_SEALED_SUFFIX),
+}
+#: the file a rejected part of a segment is kept in, under ``rejected/``, by kind
+REJECTED_SUFFIXES: dict[SegmentKind, str] = {JSON: ".jsonl", ARROW: ".arecords"}
 REJECTED_DIR = "rejected"
+
+# the frame of one Arrow record (see the module doc)
+_ARROW_MAGIC = b"DLA1"
+_ARROW_END = b"DLA\n"
+_ARROW_HEADER = struct.Struct("<4sIQ")  # magic, rows, payload length
+_ARROW_TRAILER = struct.Struct("<I4s")  # crc32, end marker
+#: no single record is larger than this (a guard against a garbage length)
+_ARROW_MAX_PAYLOAD = 1 << 34
 _STALE_TEMP_SECONDS = 60.0
 SHIP_LOCK = ".ship.lock"
 
@@ -77,28 +121,33 @@ class SegmentName:
     writer: str
     seq: int
     rows: int | None = None  # None while the segment is open
+    kind: SegmentKind = JSON
 
     @property
     def id(self) -> str:
         return f"{self.writer}.{self.seq:08d}"
 
     def open_name(self) -> str:
-        return f"{self.id}{OPEN_SUFFIX}"
+        return f"{self.id}{_SUFFIXES[self.kind][0]}"
 
     def sealed_name(self, rows: int) -> str:
-        return f"{self.id}.{rows}{SEALED_SUFFIX}"
+        return f"{self.id}.{rows}{_SUFFIXES[self.kind][1]}"
+
+    def sealed(self, rows: int) -> SegmentName:
+        return SegmentName(self.writer, self.seq, rows, self.kind)
 
     @classmethod
     def parse(cls, filename: str) -> SegmentName | None:
-        """The name of a segment file, or None for any other file."""
-        if filename.endswith(OPEN_SUFFIX):
-            parts = filename[: -len(OPEN_SUFFIX)].split(".")
-            if len(parts) == 2 and parts[1].isdigit():
-                return cls(parts[0], int(parts[1]))
-        elif filename.endswith(SEALED_SUFFIX):
-            parts = filename[: -len(SEALED_SUFFIX)].split(".")
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                return cls(parts[0], int(parts[1]), int(parts[2]))
+        """The name of a segment file (of either kind), or None for any other file."""
+        for kind, (open_suffix, sealed_suffix) in _SUFFIXES.items():
+            if filename.endswith(open_suffix):
+                parts = filename[: -len(open_suffix)].split(".")
+                if len(parts) == 2 and parts[1].isdigit():
+                    return cls(parts[0], int(parts[1]), None, kind)
+            elif filename.endswith(sealed_suffix):
+                parts = filename[: -len(sealed_suffix)].split(".")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    return cls(parts[0], int(parts[1]), int(parts[2]), kind)
         return None
 
 
@@ -112,6 +161,10 @@ class Segment:
     @property
     def rows(self) -> int:
         return self.name.rows or 0
+
+    @property
+    def kind(self) -> SegmentKind:
+        return self.name.kind
 
 
 def new_writer_id() -> str:
@@ -136,7 +189,9 @@ def _fsync_dir(directory: Path) -> None:
 class SpoolWriter:
     """Appends encoded records to the current segment; seals it by size or age.
 
-    Thread-safe: one lock guards the file descriptor, the row count and rotation.
+    ``kind`` is what every write holds: complete JSON lines (:data:`JSON`) or framed
+    Arrow records (:data:`ARROW`, see :func:`frame_arrow`). Thread-safe: one lock guards
+    the file descriptor, the row count and rotation.
     """
 
     def __init__(
@@ -146,9 +201,13 @@ class SpoolWriter:
         max_rows: int,
         max_age_seconds: float,
         fsync: bool = SPOOL_FSYNC_DEFAULT,
+        kind: SegmentKind = JSON,
     ) -> None:
         if max_rows < 1 or max_age_seconds <= 0:
             raise LogError("a spool segment needs max_rows >= 1 and max_age_seconds > 0")
+        if kind not in _SUFFIXES:
+            raise LogError(f"unknown spool segment kind {kind!r}")
+        self.kind = kind
         self.directory = directory
         self.max_rows = max_rows
         self.max_age_seconds = max_age_seconds
@@ -169,7 +228,12 @@ class SpoolWriter:
         return self._rows
 
     def write(self, payload: bytes, rows: int) -> None:
-        """Append ``payload`` (``rows`` complete JSON lines) and hand it to the kernel."""
+        """Append ``payload`` and hand it to the kernel in one ``write(2)`` (then fsync it
+        when the writer was made with ``fsync=True``).
+
+        ``payload`` holds ``rows`` records: complete JSON lines, or for an Arrow writer
+        one or more records framed by :func:`frame_arrow`.
+        """
         with self._lock:
             if self._closed:
                 raise LogError("the spool writer is closed")
@@ -215,7 +279,7 @@ class SpoolWriter:
     # -- internals (lock held) ---------------------------------------------------
     def _open_locked(self) -> None:
         self._seq += 1
-        name = SegmentName(self.writer_id, self._seq)
+        name = SegmentName(self.writer_id, self._seq, None, self.kind)
         temp = self.directory / f"{name.id}{TEMP_SUFFIX}"
         try:
             # lock under a temporary name, then rename: a segment never appears under
@@ -262,9 +326,9 @@ def seal_orphans(directory: Path) -> list[Segment]:
         with contextlib.suppress(FileNotFoundError):
             if time.time() - path.stat().st_mtime > _STALE_TEMP_SECONDS:
                 path.unlink()
-    for path in directory.glob(f"*{OPEN_SUFFIX}"):
+    for path in sorted(directory.iterdir()):
         name = SegmentName.parse(path.name)
-        if name is None:
+        if name is None or name.rows is not None:
             continue
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -275,7 +339,7 @@ def seal_orphans(directory: Path) -> list[Segment]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # the writer is alive
-            rows = _count_complete_lines(fd)
+            rows = _count_complete_lines(fd) if name.kind == JSON else _count_arrow_rows(fd)
             try:
                 if rows == 0:
                     path.unlink()
@@ -285,7 +349,7 @@ def seal_orphans(directory: Path) -> list[Segment]:
             except FileNotFoundError:  # sealed by its writer between our open and flock
                 continue
             logger.info("sealed orphan spool segment %s (%d rows)", name.id, rows)
-            sealed.append(Segment(target, SegmentName(name.writer, name.seq, rows)))
+            sealed.append(Segment(target, name.sealed(rows)))
         finally:
             os.close(fd)
     return sealed
@@ -297,6 +361,51 @@ def _count_complete_lines(fd: int) -> int:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             count += chunk.count(b"\n")
     return count
+
+
+def _count_arrow_rows(fd: int) -> int:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        f.seek(0)
+        data = f.read()
+    return sum(rows for rows, _ in iter_arrow_records(data)[0])
+
+
+def frame_arrow(payload: bytes | memoryview, rows: int) -> bytes:
+    """One Arrow spool record: ``payload`` (an Arrow IPC stream of ``rows`` rows) framed
+    with its length, row count and checksum (see the module doc)."""
+    if not 0 <= rows < 2**32:
+        raise LogError(f"an Arrow spool record holds 0 to 2**32 - 1 rows, not {rows}")
+    header = _ARROW_HEADER.pack(_ARROW_MAGIC, rows, len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(header[4:]))
+    return b"".join((header, payload, _ARROW_TRAILER.pack(crc, _ARROW_END)))
+
+
+def iter_arrow_records(data: bytes) -> tuple[list[tuple[int, memoryview]], int]:
+    """The complete records of an Arrow segment: ([(rows, payload), ...], bytes dropped).
+
+    Reading stops at the first record that is incomplete (a torn last write) or whose
+    frame or checksum is wrong; the bytes from there on are dropped (and counted).
+    """
+    view = memoryview(data)
+    records: list[tuple[int, memoryview]] = []
+    offset, end = 0, len(data)
+    head, tail = _ARROW_HEADER.size, _ARROW_TRAILER.size
+    while offset < end:
+        if end - offset < head + tail:
+            break
+        magic, rows, length = _ARROW_HEADER.unpack_from(view, offset)
+        stop = offset + head + length
+        if magic != _ARROW_MAGIC or length > _ARROW_MAX_PAYLOAD or stop + tail > end:
+            break
+        crc, marker = _ARROW_TRAILER.unpack_from(view, stop)
+        payload = view[offset + head : stop]
+        if marker != _ARROW_END or crc != zlib.crc32(
+            payload, zlib.crc32(view[offset + 4 : offset + head])
+        ):
+            break
+        records.append((rows, payload))
+        offset = stop + tail
+    return records, end - offset
 
 
 def list_sealed(directory: Path) -> list[Segment]:
@@ -428,8 +537,43 @@ def _decode(body: bytes, schema: Mapping[str, pl.DataType]) -> tuple[pl.DataFram
     return frame, bad
 
 
+def parse_arrow(data: bytes, schema: Mapping[str, pl.DataType]) -> tuple[pl.DataFrame, list[bytes]]:
+    """Decode framed Arrow records into a frame of ``schema``: (frame, rejected records).
+
+    A torn or corrupt tail is dropped (see :func:`iter_arrow_records`). A record that
+    does not decode, lacks a column of ``schema``, has one it does not know, or whose
+    values do not cast to it exactly is returned (framed again) as rejected.
+    """
+    records, dropped = iter_arrow_records(data)
+    if dropped:
+        logger.warning("dropped a torn or corrupt last Arrow record of %d bytes", dropped)
+    frames: list[pl.DataFrame] = []
+    rejected: list[bytes] = []
+    names = list(schema)
+    for rows, payload in records:
+        try:
+            frame = pl.read_ipc_stream(io.BytesIO(payload))
+            if set(frame.columns) != set(names) or frame.height != rows:
+                raise LogError(
+                    f"columns {sorted(frame.columns)} and {frame.height} rows, expected "
+                    f"{sorted(names)} and {rows} rows"
+                )
+            frames.append(frame.select(names).cast(dict(schema), strict=True))  # type: ignore[arg-type]
+        except (pl.exceptions.PolarsError, OSError, LogError) as exc:
+            logger.warning(
+                "an Arrow spool record of %d rows does not fit the schema: %s", rows, exc
+            )
+            rejected.append(frame_arrow(bytes(payload), rows))
+    if not frames:
+        return pl.DataFrame(schema=dict(schema)), rejected
+    return (frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")), rejected
+
+
 def read_segment(
     segment: Segment, schema: Mapping[str, pl.DataType]
 ) -> tuple[pl.DataFrame, list[bytes]]:
-    """Read a sealed segment: (frame, rejected lines)."""
-    return parse_lines(segment.path.read_bytes(), schema)
+    """Read a sealed segment of either kind: (frame, rejected lines or records)."""
+    data = segment.path.read_bytes()
+    if segment.kind == ARROW:
+        return parse_arrow(data, schema)
+    return parse_lines(data, schema)

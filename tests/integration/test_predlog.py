@@ -148,15 +148,22 @@ def test_two_shippers_racing_on_the_same_segments_commit_once(tmp_path: Path) ->
 
 CHILD = r"""
 import sys, time
+import numpy as np
 from driftloop.settings import get_settings
 from driftloop.predlog import PredictionLog
 tag, count, batch, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+mode = sys.argv[5]  # rows: JSON lines; columns: Arrow records; mixed: both, alternating
 log = PredictionLog(get_settings())
 log.start()
 i = 0
 while count < 0 or i < count:
     ids = [f"{tag}-{i}-{j}" for j in range(batch)]
-    log.append([{"request_id": r, "model_name": "fraud", "amount": 1.0} for r in ids])
+    if mode == "columns" or (mode == "mixed" and i % 2):
+        # >= COLUMNAR_MIN_ROWS rows per call: one Arrow record each
+        columns = {"request_id": ids, "model_name": "fraud", "amount": np.ones(batch)}
+        log.append_columns(columns, batch)
+    else:
+        log.append([{"request_id": r, "model_name": "fraud", "amount": 1.0} for r in ids])
     sys.stdout.write("\n".join(ids) + "\n")
     sys.stdout.flush()
     i += 1
@@ -168,11 +175,17 @@ print("DONE", flush=True)
 
 
 def _child(
-    settings: Settings, tag: str, count: int, batch: int, pause: float, stderr: Path
+    settings: Settings,
+    tag: str,
+    count: int,
+    batch: int,
+    pause: float,
+    stderr: Path,
+    mode: str = "rows",
 ) -> subprocess.Popen[str]:
     with stderr.open("w") as err:
         return subprocess.Popen(
-            [sys.executable, "-c", CHILD, tag, str(count), str(batch), str(pause)],
+            [sys.executable, "-c", CHILD, tag, str(count), str(batch), str(pause), mode],
             stdout=subprocess.PIPE,
             stderr=err,
             text=True,
@@ -180,9 +193,13 @@ def _child(
         )
 
 
-@pytest.mark.parametrize("shared_spool", [True, False], ids=["shared-spool", "own-spools"])
+@pytest.mark.parametrize(
+    ("shared_spool", "mode"),
+    [(True, "rows"), (False, "rows"), (True, "mixed")],
+    ids=["shared-spool", "own-spools", "shared-spool-json-and-arrow"],
+)
 def test_two_processes_ship_concurrently_with_compaction_running(
-    tmp_path: Path, shared_spool: bool
+    tmp_path: Path, shared_spool: bool, mode: str
 ) -> None:
     # one spool directory for both (one host), or one each (two hosts, one table)
     settings = {
@@ -191,8 +208,11 @@ def test_two_processes_ship_concurrently_with_compaction_running(
         )
         for tag in "ab"
     }
+    batch = 5 if mode == "rows" else 70  # mixed: odd calls are Arrow records (>= 64 rows)
+    count = 300 if mode == "rows" else 40
     procs = {
-        tag: _child(settings[tag], tag, 300, 5, 0.002, tmp_path / f"{tag}.err") for tag in "ab"
+        tag: _child(settings[tag], tag, count, batch, 0.002, tmp_path / f"{tag}.err", mode)
+        for tag in "ab"
     }
     compactions = []
     try:
@@ -212,7 +232,7 @@ def test_two_processes_ship_concurrently_with_compaction_running(
         assert outputs[tag].rstrip().endswith("DONE")
     compactions.append(maintenance.compact(settings["a"], "predictions"))
 
-    expected = Counter(f"{tag}-{i}-{j}" for tag in "ab" for i in range(300) for j in range(5))
+    expected = Counter(f"{tag}-{i}-{j}" for tag in "ab" for i in range(count) for j in range(batch))
     assert Counter(_all_ids(settings["a"])) == expected
     assert sum(c.files_removed for c in compactions) > 0, "compaction really ran alongside"
     for tag in "ab":
@@ -221,13 +241,18 @@ def test_two_processes_ship_concurrently_with_compaction_running(
     assert sum(1 for c in commits if c["operation"] == "WRITE") > 4
 
 
-def test_sigkill_loses_no_acknowledged_record_and_duplicates_none(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, **FAST)
+@pytest.mark.parametrize("mode", ["rows", "columns", "mixed"])
+def test_sigkill_loses_no_acknowledged_record_and_duplicates_none(
+    tmp_path: Path, mode: str
+) -> None:
+    # Arrow segments hold many records (so a kill can tear one after complete ones)
+    settings = _settings(tmp_path, **{**FAST, "spool_segment_rows": 50 if mode == "rows" else 2000})
+    batch = 5 if mode == "rows" else 100
     rng = random.Random(int(os.environ.get("DRIFTLOOP_TEST_SEED", "20250301")))
     acknowledged: list[str] = []
     recovered_orphans = 0
     for round_ in range(3):
-        proc = _child(settings, f"k{round_}", -1, 5, 0.0005, tmp_path / f"k{round_}.err")
+        proc = _child(settings, f"k{round_}", -1, batch, 0.0005, tmp_path / f"k{round_}.err", mode)
         acknowledged += _acknowledged_until_killed(proc, rng.randint(200, 3000), rng)
         result = ship_all(settings, ["predictions"])[0]
         recovered_orphans += result.orphans_sealed
@@ -239,7 +264,9 @@ def test_sigkill_loses_no_acknowledged_record_and_duplicates_none(tmp_path: Path
     assert not duplicates, f"duplicated: {duplicates[:3]}"
     assert len(acknowledged) >= 3 * 200
     assert recovered_orphans >= 1, "the killed writers' open segments were recovered"
-    assert not list((settings.spool_dir / "predictions").glob("*.open"))
+    assert not [
+        p for p in (settings.spool_dir / "predictions").iterdir() if p.suffix in (".open", ".aopen")
+    ]
 
 
 def _acknowledged_until_killed(
@@ -285,6 +312,56 @@ def test_lines_that_break_the_schema_are_set_aside(tmp_path: Path) -> None:
     assert (result.rows, result.rejected_rows) == (1, 1)
     assert _all_ids(settings) == ["good"]
     assert (directory / spool.REJECTED_DIR / f"{bad.id}.jsonl").read_bytes().count(b"\n") == 1
+
+
+def test_arrow_records_that_break_the_schema_are_set_aside(tmp_path: Path) -> None:
+    import io
+
+    settings = _settings(tmp_path)
+    directory = settings.spool_dir / "predictions"
+    directory.mkdir(parents=True)
+
+    def record(frame: pl.DataFrame) -> bytes:
+        buffer = io.BytesIO()
+        frame.write_ipc_stream(buffer)
+        return spool.frame_arrow(buffer.getvalue(), frame.height)
+
+    good = pl.DataFrame([_pred("good", T0)]).with_columns(pl.lit("2025-03-01").alias("date"))
+    good = good.select(
+        pl.col(c) if c in good.columns else pl.lit(None, dtype=t).alias(c)
+        for c, t in PREDICTION_SCHEMA.items()
+    ).cast(PREDICTION_SCHEMA)  # type: ignore[arg-type]
+    bad = record(pl.DataFrame({"request_id": ["bad"], "amount": ["abc"]}))
+    name = spool.SegmentName("0-0-broken", 1, None, spool.ARROW)
+    (directory / name.sealed_name(2)).write_bytes(record(good) + bad)
+
+    result = ship_all(settings, ["predictions"])[0]
+
+    assert (result.rows, result.rejected_rows) == (1, 1)
+    assert _all_ids(settings) == ["good"]
+    assert (directory / spool.REJECTED_DIR / f"{name.id}.arecords").read_bytes() == bad
+
+
+def test_json_and_arrow_segments_of_one_log_ship_in_one_commit(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    log = PredictionLog(settings, ship=False)
+    log.append([_pred(f"row{i}", T0) for i in range(3)])
+    ids = [f"col{i}" for i in range(100)]
+    log.append_columns({"request_id": ids, "received_at": T0, "amount": 1.0, "score": 0.5}, 100)
+    log.append([_pred("row3", T0)])
+    log.stop(flush=False)
+    assert sorted(s.kind for s in spool.list_sealed(log.directory)) == ["arrow", "json"]
+
+    result = ship_all(settings, ["predictions"])[0]
+
+    assert (result.commits, result.segments, result.rows) == (1, 2, 104)
+    table = DeltaTable(settings.table("predictions"))
+    assert table.transaction_version(log.writer_id) == 1
+    assert table.transaction_version(log.arrow_writer_id) == 1
+    frame = pl.read_delta(settings.table("predictions"))
+    assert Counter(frame["request_id"].to_list()) == Counter([*ids, *(f"row{i}" for i in range(4))])
+    assert frame["date"].unique().to_list() == ["2025-03-01"], "partitioned by received_at"
+    assert ship_all(settings, ["predictions"])[0].rows == 0
 
 
 # -- reads ---------------------------------------------------------------------------

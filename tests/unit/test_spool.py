@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -228,3 +229,151 @@ def test_label_log_requires_a_key_and_a_label(tmp_path: Path) -> None:
     log.stop(flush=False)
     stats = log.stats()
     assert (stats.open_rows, stats.sealed_segments, stats.backlog_rows) == (0, 1, 1)
+
+
+# -- Arrow segments ------------------------------------------------------------------
+def _arrow(*ids: str) -> bytes:
+    """One framed Arrow record of ``ids`` (n = 1, x = the index)."""
+    frame = pl.DataFrame(
+        {
+            "id": list(ids),
+            "n": [1] * len(ids),
+            "flag": [0] * len(ids),
+            "x": [float(i) for i in range(len(ids))],
+        },
+        schema=SCHEMA,
+    )
+    buffer = io.BytesIO()
+    frame.write_ipc_stream(buffer)
+    return spool.frame_arrow(buffer.getvalue(), len(ids))
+
+
+def test_arrow_segments_are_their_own_kind_and_read_back_typed(tmp_path: Path) -> None:
+    writer = spool.SpoolWriter(tmp_path, max_rows=5, max_age_seconds=60, kind=spool.ARROW)
+    writer.write(_arrow("a", "b", "c"), 3)
+    assert len(list(tmp_path.glob("*.aopen"))) == 1 and not list(tmp_path.glob("*.open"))
+    writer.write(_arrow("d", "e"), 2)  # 5 rows: sealed
+    writer.write(_arrow("f"), 1)
+    writer.close()
+
+    sealed = spool.list_sealed(tmp_path)
+    assert [(s.kind, s.rows, s.path.suffix) for s in sealed] == [
+        ("arrow", 5, ".aseg"),
+        ("arrow", 1, ".aseg"),
+    ]
+    assert spool.SegmentName.parse(sealed[0].path.name) == sealed[0].name
+    frame, rejected = spool.read_segment(sealed[0], SCHEMA)
+    assert rejected == []
+    assert frame.schema == pl.Schema(SCHEMA)
+    assert frame["id"].to_list() == ["a", "b", "c", "d", "e"]
+    assert _ids(tmp_path) == ["a", "b", "c", "d", "e", "f"]
+
+
+@pytest.mark.parametrize(
+    "tear",
+    [
+        pytest.param(lambda r: r[: len(r) // 2], id="cut-in-the-payload"),
+        pytest.param(lambda r: r[:10], id="cut-in-the-header"),
+        pytest.param(lambda r: r[:-1], id="trailer-incomplete"),
+        pytest.param(lambda r: r[:40] + bytes([r[40] ^ 0xFF]) + r[41:], id="checksum-mismatch"),
+    ],
+)
+def test_torn_last_arrow_record_of_a_dead_writer_is_skipped(tmp_path: Path, tear) -> None:
+    # what a process killed in the middle of a write leaves: complete records + a torn one
+    name = spool.SegmentName("0-1-dead", 3, None, spool.ARROW)
+    (tmp_path / name.open_name()).write_bytes(
+        _arrow("a", "b") + _arrow("c") + tear(_arrow("d", "e", "f"))
+    )
+    empty = spool.SegmentName("0-1-dead", 4, None, spool.ARROW)
+    (tmp_path / empty.open_name()).write_bytes(tear(_arrow("g")))  # only a torn record
+
+    sealed = spool.seal_orphans(tmp_path)
+
+    assert [(s.name.id, s.kind, s.rows) for s in sealed] == [(name.id, "arrow", 3)]
+    assert not (tmp_path / empty.open_name()).exists(), "nothing complete: deleted"
+    frame, rejected = spool.read_segment(sealed[0], SCHEMA)
+    assert frame["id"].to_list() == ["a", "b", "c"]
+    assert rejected == []
+
+
+def test_live_arrow_writer_segment_is_not_taken_by_recovery(tmp_path: Path) -> None:
+    writer = spool.SpoolWriter(tmp_path, max_rows=100, max_age_seconds=60, kind=spool.ARROW)
+    writer.write(_arrow("a"), 1)
+    assert spool.seal_orphans(tmp_path) == []  # its flock is held (even by this process)
+    writer.write(_arrow("b"), 1)
+    writer.close()
+    assert _ids(tmp_path) == ["a", "b"]
+
+
+def test_arrow_records_that_break_the_schema_are_rejected_not_fatal() -> None:
+    other = pl.DataFrame({"id": ["x"], "unknown": [1]})
+    buffer = io.BytesIO()
+    other.write_ipc_stream(buffer)
+    bad_columns = spool.frame_arrow(buffer.getvalue(), 1)
+    not_arrow = spool.frame_arrow(b"not an arrow stream", 2)
+    wrong_count = spool.frame_arrow(_arrow("y", "z")[16:-8], 5)  # the payload of 2 rows
+    data = _arrow("a") + bad_columns + not_arrow + wrong_count + _arrow("b", "c")
+
+    frame, rejected = spool.parse_arrow(data, SCHEMA)
+
+    assert frame["id"].to_list() == ["a", "b", "c"]
+    assert rejected == [bad_columns, not_arrow, wrong_count], "kept framed, as written"
+
+
+def test_mixed_kinds_in_one_directory_list_and_read_together(tmp_path: Path) -> None:
+    rows = spool.SpoolWriter(tmp_path, max_rows=2, max_age_seconds=60)
+    columns = spool.SpoolWriter(tmp_path, max_rows=2, max_age_seconds=60, kind=spool.ARROW)
+    rows.write(_lines("j1", "j2"), 2)
+    columns.write(_arrow("a1", "a2"), 2)
+    rows.write(_lines("j3"), 1)
+    columns.write(_arrow("a3"), 1)
+    rows.close()
+    columns.close()
+    assert sorted(s.kind for s in spool.list_sealed(tmp_path)) == ["arrow", "arrow", "json", "json"]
+    assert sorted(_ids(tmp_path)) == ["a1", "a2", "a3", "j1", "j2", "j3"]
+
+
+def test_spool_fsync_setting_reaches_both_writers(tmp_path: Path, monkeypatch) -> None:
+    assert Settings().spool_fsync is False, "off by default"
+    monkeypatch.setenv("DRIFTLOOP_SPOOL_FSYNC", "true")
+    settings = Settings(data_root=str(tmp_path / "data"), state_dir=tmp_path / "state")
+    assert settings.spool_fsync is True
+    log = PredictionLog(settings, ship=False)
+    assert log.fsync and log._writer.fsync and log._arrow_writer.fsync
+    assert PredictionLog(settings, ship=False, fsync=False).fsync is False, "an argument wins"
+    # and writing with it works for both kinds (one fsync per write)
+    log.append([{"request_id": "r1", "amount": 1.0}])
+    log.append_columns({"request_id": [f"c{i}" for i in range(100)], "amount": 2.0}, 100)
+    log.stop(flush=False)
+    got = {
+        s.kind: spool.read_segment(s, PREDICTION_SCHEMA)[0].height
+        for s in spool.list_sealed(log.directory)
+    }
+    assert got == {"json": 1, "arrow": 100}
+
+
+def test_columnar_append_writes_one_arrow_record_with_the_row_appends_records(
+    tmp_path: Path,
+) -> None:
+    log = PredictionLog(_settings(tmp_path), ship=False)
+    n = 200
+    at = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    columns = {
+        "request_id": [f"r{i}" for i in range(n)],
+        "received_at": at,
+        "amount": [float(i) + 0.5 for i in range(n)],
+        "category": ["retail" if i % 3 else None for i in range(n)],
+        "decision": [i % 2 for i in range(n)],
+        "model_name": "fraud",
+    }
+    log.append_columns(columns, n)
+    log.append_columns({k: v[:3] if isinstance(v, list) else v for k, v in columns.items()}, 3)
+    log.stop(flush=False)
+    by_kind = {s.kind: s for s in spool.list_sealed(log.directory)}
+    assert by_kind["arrow"].rows == n and by_kind["json"].rows == 3, "small batches stay JSON"
+    arrow, _ = spool.read_segment(by_kind["arrow"], PREDICTION_SCHEMA)
+    lines, _ = spool.read_segment(by_kind["json"], PREDICTION_SCHEMA)
+    assert arrow.schema == lines.schema == pl.Schema(PREDICTION_SCHEMA)
+    assert arrow.head(3).equals(lines), "the same records whichever kind holds them"
+    assert arrow["received_at"].to_list() == [at] * n
+    assert arrow["category"].null_count() == len(range(0, n, 3))
