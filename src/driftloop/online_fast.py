@@ -31,6 +31,7 @@ every minute, like :func:`driftloop.features._feature_service`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import struct
@@ -387,14 +388,19 @@ class _SqliteRows:
         return prefix
 
     def read(self, view: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """(event times, values) of distinct ``ids``; None to use the generic path."""
+        """(event times, values) of distinct ``ids``; None to use the generic path.
+
+        SQLite does the matching: the keys go in as a ``VALUES`` list of (position, key)
+        joined to the table, and each row comes back as (position of its entity, position
+        of its feature or NULL, value, event seconds): no Python object per key or name.
+        An entity's rows come in rowid order, the order in which ``online_read``'s ``IN``
+        query meets them through the table's ``entity_key`` index.
+        """
         prefix = self._prefix(view.join_key)
         if prefix is None:
             return None
         pack = struct.Struct("<q").pack
         keys = [prefix + pack(i) for i in ids.tolist()]
-        index = {k: i for i, k in enumerate(keys)}
-        position = {f: j for j, f in enumerate(view.features)}
         conn = self._online_store._get_conn(self._config)
         table = self._quote_id(
             self._table_id(
@@ -403,36 +409,54 @@ class _SqliteRows:
                 self._config.registry.enable_online_feature_view_versioning,
             )
         )
+        # (entity position, feature column) as one number: position * width + column,
+        # where column ``width - 1`` stands for a feature of the row not asked for
+        width = len(view.features) + 1
+        cell = (
+            f"k.i * {width} + CASE t.feature_name "
+            + " ".join(f"WHEN {_sql_text(f)} THEN {j}" for j, f in enumerate(view.features))
+            + f" ELSE {width - 1} END"
+        )
         rows: list[tuple[Any, ...]] = []
         for start in range(0, len(keys), _SQLITE_CHUNK):
             chunk = keys[start : start + _SQLITE_CHUNK]
             # ifnull() hides the column's declared type: no datetime per row from the
             # connection's converter, the stored epoch seconds come back as they are
             cursor = conn.execute(
-                f"SELECT entity_key, feature_name, value, ifnull(event_ts, NULL) "
-                f"FROM {table} WHERE entity_key IN ({','.join('?' * len(chunk))}) "
-                f"ORDER BY entity_key",
+                f"WITH k(i, key) AS (VALUES {_values_rows(start, len(chunk))}) "
+                f"SELECT {cell}, t.value, ifnull(t.event_ts, NULL) "
+                f"FROM k JOIN {table} AS t ON t.entity_key = k.key ORDER BY k.i, t.rowid",
                 chunk,
             )
             rows.extend(cursor.fetchall())
         ts = np.full(len(keys), np.nan)
-        matrix = np.full((len(keys), len(position)), np.nan)
+        matrix = np.full((len(keys), len(view.features)), np.nan)
         if not rows:
             return ts, matrix
-        row_keys, names, blobs, stamps = zip(*rows, strict=True)
-        if set(map(type, stamps)) != {int}:
-            return None  # not epoch seconds: let online_read decide
-        entity = list(map(index.__getitem__, row_keys))
-        last = dict(zip(entity, stamps, strict=True))  # the last row of an entity wins
-        ts[list(last)] = _feast_epoch_seconds(np.fromiter(last.values(), np.int64, len(last)))
-        column = list(map(position.get, names))
-        wanted = [k for k, j in enumerate(column) if j is not None]
-        values = decode_values([blobs[k] for k in wanted], self._parse)
-        matrix[
-            np.fromiter((entity[k] for k in wanted), np.intp, len(wanted)),
-            np.fromiter((column[k] for k in wanted), np.intp, len(wanted)),
-        ] = values
+        cells, blobs, stamps_col = zip(*rows, strict=True)
+        stamps = np.array(stamps_col)
+        if stamps.dtype.kind != "i":
+            return None  # not all epoch seconds: let online_read decide
+        entity, column = np.divmod(np.array(cells, dtype=np.intp), width)
+        # the event time of an entity is that of its last row, as online_read takes it
+        last = np.append(entity[1:] != entity[:-1], True)
+        ts[entity[last]] = _feast_epoch_seconds(stamps[last])
+        wanted = np.flatnonzero(column != width - 1)
+        matrix[entity[wanted], column[wanted]] = decode_values(
+            [blobs[k] for k in wanted.tolist()], self._parse
+        )
         return ts, matrix
+
+
+@functools.lru_cache(maxsize=64)
+def _values_rows(start: int, count: int) -> str:
+    """``(start, ?), (start + 1, ?), ...``: ``count`` rows of a ``VALUES`` list."""
+    return ",".join(f"({start + n},?)" for n in range(count))
+
+
+def _sql_text(value: str) -> str:
+    """A string literal of SQLite."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 # wire-format tags of the scalar fields of feast.types.Value (field number << 3 | wire type)
