@@ -224,6 +224,25 @@ def test_every_row_lands_in_the_delta_prediction_log(server: Server, world: Worl
     assert by_id[offset["request_id"]]["hour_of_day"] == utc_hour
 
 
+def test_a_batch_in_one_non_utc_offset_is_timed_in_utc(server: Server, world: World) -> None:
+    # every timestamp with the same +05:30 offset: the fast path of the event-time
+    # conversion (one zone for the whole column); logged through the Arrow spool
+    ist = timezone(timedelta(hours=5, minutes=30))
+    bodies = rows(world, 100, "ist", edge_cases=False)
+    for b in bodies:
+        b["timestamp"] = datetime.fromisoformat(b["timestamp"]).astimezone(ist).isoformat()
+    r = post(server, "/predict_columns", {"columns": as_columns(bodies)})
+    assert r.status_code == 200, r.text
+    log = logged(world, {b["request_id"] for b in bodies})
+    by_id = {row["request_id"]: row for row in log.iter_rows(named=True)}
+    assert log.height == len(bodies)
+    for b in bodies:
+        sent = datetime.fromisoformat(b["timestamp"])
+        row = by_id[b["request_id"]]
+        assert row["event_timestamp"] == sent
+        assert row["hour_of_day"] == sent.astimezone(UTC).hour
+
+
 def test_metrics_count_columnar_rows(server: Server, world: World) -> None:
     r = post(server, "/predict_columns", {"columns": as_columns(rows(world, 40, "metrics"))})
     assert r.status_code == 200, r.text
