@@ -265,7 +265,7 @@ class Shipper:
         # the partition is the day the record was received, whatever the caller sent
         return frame.with_columns(
             pl.coalesce(
-                pl.col("received_at").dt.strftime("%Y-%m-%d"), pl.col(PARTITION_COLUMN)
+                pl.col("received_at").dt.date().cast(pl.String), pl.col(PARTITION_COLUMN)
             ).alias(PARTITION_COLUMN)
         )
 

@@ -550,6 +550,7 @@ def parse_arrow(data: bytes, schema: Mapping[str, pl.DataType]) -> tuple[pl.Data
     frames: list[pl.DataFrame] = []
     rejected: list[bytes] = []
     names = list(schema)
+    wanted = pl.Schema(schema)
     for rows, payload in records:
         try:
             frame = pl.read_ipc_stream(io.BytesIO(payload))
@@ -558,7 +559,10 @@ def parse_arrow(data: bytes, schema: Mapping[str, pl.DataType]) -> tuple[pl.Data
                     f"columns {sorted(frame.columns)} and {frame.height} rows, expected "
                     f"{sorted(names)} and {rows} rows"
                 )
-            frames.append(frame.select(names).cast(dict(schema), strict=True))  # type: ignore[arg-type]
+            frame = frame.select(names)
+            if frame.schema != wanted:  # what our writers write needs no cast
+                frame = frame.cast(dict(schema), strict=True)  # type: ignore[arg-type]
+            frames.append(frame)
         except (pl.exceptions.PolarsError, OSError, LogError) as exc:
             logger.warning(
                 "an Arrow spool record of %d rows does not fit the schema: %s", rows, exc
