@@ -69,18 +69,7 @@ class Load:
 
 
 def transaction(world: World, i: int, request_id: str) -> dict:
-    row = world.transactions.row(-1 - i % 2_000, named=True)
-    return {
-        "transaction_id": f"dur-{i}",
-        "request_id": request_id,
-        "card_id": row["card_id"],
-        "merchant_id": row["merchant_id"],
-        "amount": row["amount"],
-        "category": row["category"],
-        "channel": row["channel"],
-        "country": row["country"],
-        "timestamp": row["event_timestamp"].isoformat(),
-    }
+    return world.request(i, f"dur-{i}", request_id, among=2_000)
 
 
 async def client(world: World, load: Load, http: httpx.AsyncClient) -> None:

@@ -55,18 +55,7 @@ def rows(world: World, n: int, tag: str, *, edge_cases: bool = True) -> list[dic
     out = []
     stamp = time.monotonic_ns()
     for i in range(n):
-        row = world.transactions.row(-1 - (i % world.transactions.height), named=True)
-        body: dict[str, Any] = {
-            "transaction_id": f"{tag}-{i}-{stamp}",
-            "card_id": row["card_id"],
-            "merchant_id": row["merchant_id"],
-            "amount": row["amount"],
-            "category": row["category"],
-            "channel": row["channel"],
-            "country": row["country"],
-            "timestamp": row["event_timestamp"].isoformat(),
-            "request_id": f"{tag}-r{i}-{stamp}",
-        }
+        body = world.request(i, f"{tag}-{i}-{stamp}", f"{tag}-r{i}-{stamp}")
         if edge_cases:
             if i % 7 == 1:
                 body["card_id"] = 10**12 + i  # unknown card
@@ -80,7 +69,8 @@ def rows(world: World, n: int, tag: str, *, edge_cases: bool = True) -> list[dic
                 body["amount"] = 250  # an integer amount
             if i % 13 == 6:
                 ist = timezone(timedelta(hours=5, minutes=30))  # not UTC
-                body["timestamp"] = row["event_timestamp"].astimezone(ist).isoformat()
+                stamp_at = datetime.fromisoformat(body["timestamp"])
+                body["timestamp"] = stamp_at.astimezone(ist).isoformat()
         out.append(body)
     return out
 
