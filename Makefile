@@ -18,8 +18,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# no bytecode for all of site-packages up front (~100 s): modules compile as imported
-	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install driftloop with dev extras
