@@ -17,19 +17,9 @@ pytestmark = pytest.mark.integration
 
 
 def tx(world: World, i: int = 0, **overrides: object) -> dict:
-    row = world.transactions.row(-1 - i, named=True)
-    body = {
-        "transaction_id": f"it-{i}-{time.monotonic_ns()}",
-        "card_id": row["card_id"],
-        "merchant_id": row["merchant_id"],
-        "amount": row["amount"],
-        "category": row["category"],
-        "channel": row["channel"],
-        "country": row["country"],
-        "timestamp": row["event_timestamp"].isoformat(),
-    }
-    body.update(overrides)
-    return body
+    """The ``i``-th newest transaction of the history as a ``/predict`` body, with a fresh
+    transaction id and ``overrides`` applied."""
+    return world.request(i, f"it-{i}-{time.monotonic_ns()}") | overrides
 
 
 @pytest.fixture(scope="module")
