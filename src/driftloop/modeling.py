@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import xgboost as xgb
 from pydantic import BaseModel, ConfigDict
 
 from driftloop.schema import CATEGORICAL_VOCAB, MODEL_FEATURES, OTHER
+
+if TYPE_CHECKING:  # xgboost (and the scikit-learn it imports) loads where a model does
+    import xgboost as xgb
 
 #: code of the fallback bucket for a category never seen in training
 OTHER_CODE = -1.0

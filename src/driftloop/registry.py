@@ -14,15 +14,17 @@ import secrets
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import polars as pl
-import xgboost as xgb
 from pydantic import BaseModel, ConfigDict, Field
 
 from driftloop import __version__
 from driftloop.errors import ModelError
 from driftloop.modeling import FeatureEncoder, make_booster_single_threaded
+
+if TYPE_CHECKING:  # xgboost (and the scikit-learn it imports) loads with a model
+    import xgboost as xgb
 
 FEATURE_SERVICE = "fraud_v1"
 
@@ -157,6 +159,8 @@ def load_model(tag: str) -> LoadedModel:
         model = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as exc:
         raise ModelError(f"model {tag!r} is not in the BentoML store") from exc
+    import xgboost as xgb
+
     path = Path(model.path)
     booster = xgb.Booster()
     booster.load_model(str(path / "model.ubj"))

@@ -69,8 +69,16 @@ def _pid_alive(pid: int | None) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
 
 
-#: the two demos of this module: a healthy loop, and one whose canary is forced to fail
-VARIANTS: dict[str, list[str]] = {"promote": [], "rollback": ["--fail-canary"]}
+#: the two demos of this module: a healthy loop on the running example (concept drift,
+#: caught by labelled performance or prediction drift: ~2.5 min after the injection), and
+#: a new merchant category (caught by the first window after it, ~35 s) whose retrained
+#: challenger is forced to fail on the canary. The gate passed that challenger on PR AUC
+#: 0.597 and 0.612 against the champion's 0.572 in two runs (margin 0.005): it learns the
+#: new category's risk, which the champion can only bucket as "other".
+VARIANTS: dict[str, list[str]] = {
+    "promote": [],
+    "rollback": ["--fail-canary", "--scenario", "new_category"],
+}
 #: the second demo starts this much later, so the two set-ups (the CPU-heaviest part)
 #: do not coincide
 STAGGER_SECONDS = 20.0

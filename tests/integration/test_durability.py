@@ -37,7 +37,7 @@ CLIENTS = 8
 COLUMN_CLIENTS = 2
 #: rows per columnar batch (at least predlog.COLUMNAR_MIN_ROWS: an Arrow record each)
 COLUMN_ROWS = 80
-KILLS = 3
+KILLS = 5
 #: the load is bounded by count as well as by time
 MAX_REQUESTS = 50_000
 #: acknowledged requests wanted after each (re)start before the next kill may happen

@@ -39,7 +39,7 @@ from driftloop.rollout import RolloutPolicy
 from driftloop.routing import Arm, RouteTable, router_home
 from driftloop.settings import Settings
 from flows.rollout import rollout
-from tests.fixtures.world import Server, World, start_bentoml
+from tests.fixtures.world import Server, World, beside, start_bentoml
 from tests.integration._traffic import Result, Traffic, transactions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -109,19 +109,25 @@ def stage(
         good = clone_model(world.model_tag)
         other = clone_model(world.model_tag)
         runner = RolloutRunner(settings, plane)
-        champion = runner.ensure_champion(champion_bento)
+
+        def start_router() -> Server:
+            return start_bentoml(
+                "bentos.router:Router",
+                {
+                    **world.env,
+                    "DRIFTLOOP_STATE_DIR": str(settings.state_dir),
+                    "BENTOML_HOME": str(router_home(settings.state_dir, "fraud")),
+                },
+                root / "router.log",
+            )
+
+        # the router reads its routes per request: it starts while the champion does
+        with beside(start_router, undo=Server.stop) as router_started:
+            champion = runner.ensure_champion(champion_bento)
+        router = router_started.result()
         baseline = Ledger.for_settings(settings).entries()
         assert [e.action for e in baseline] == ["baseline"]
         assert baseline[0].champion_tag == champion_bento and champion.bento_tag == champion_bento
-        router = start_bentoml(
-            "bentos.router:Router",
-            {
-                **world.env,
-                "DRIFTLOOP_STATE_DIR": str(settings.state_dir),
-                "BENTOML_HOME": str(router_home(settings.state_dir, "fraud")),
-            },
-            root / "router.log",
-        )
         yield Stage(
             settings=settings,
             plane=plane,
@@ -218,21 +224,28 @@ def test_good_challenger_is_promoted_through_every_step(stage: Stage, prefect_ap
 
 
 @pytest.mark.parametrize(
-    ("fault", "breached", "clients"),
+    ("fault", "breached", "clients", "min_samples"),
     [
-        ({"DRIFTLOOP_FAULT_ERROR_RATE": "1.0"}, "error_rate", 16),
-        # one scoring thread at +250 ms: queued requests wait up to clients x service time
-        ({"DRIFTLOOP_FAULT_LATENCY_MS": "250"}, "p99_ratio", 8),
-        ({"DRIFTLOOP_FAULT_INVERT_SCORES": "true"}, "score_distance", 16),
+        ({"DRIFTLOOP_FAULT_ERROR_RATE": "1.0"}, "error_rate", 16, 100),
+        # one scoring thread at +250 ms: queued requests wait up to clients x service time,
+        # so the canary answers ~4 requests/s; every answer is slow, 40 show it
+        ({"DRIFTLOOP_FAULT_LATENCY_MS": "250"}, "p99_ratio", 8, 40),
+        ({"DRIFTLOOP_FAULT_INVERT_SCORES": "true"}, "score_distance", 16, 100),
     ],
     ids=["errors", "slow", "inverted"],
 )
 def test_bad_challenger_is_rolled_back_by_itself(
-    stage: Stage, prefect_api_url: str, fault: dict[str, str], breached: str, clients: int
+    stage: Stage,
+    prefect_api_url: str,
+    fault: dict[str, str],
+    breached: str,
+    clients: int,
+    min_samples: int,
 ) -> None:
     champion = stage.champion()
     incident = f"inc-{breached}"
-    options = OPTIONS.model_copy(update={"canary_env": fault})
+    policy = POLICY.model_copy(update={"min_samples": min_samples})
+    options = OPTIONS.model_copy(update={"canary_env": fault, "policy": policy})
     outcome, results, ended = run_flow(
         stage, stage.other_model, stage.other_bento, incident, options=options,
         concurrency=clients,

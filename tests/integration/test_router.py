@@ -28,7 +28,7 @@ from driftloop.plane.local import LocalPlane, is_alive, port_accepts
 from driftloop.rollout import Role
 from driftloop.routing import WARMUP_REQUESTS, ArmCounters, RouteTable, router_home, window
 from driftloop.settings import Settings
-from tests.fixtures.world import REPO, Server, World, start_bentoml
+from tests.fixtures.world import REPO, Server, World, beside, start_bentoml
 from tests.integration._traffic import send, transactions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -83,10 +83,12 @@ def setup(
     }
     router = RouterProc(router_env, root)
     try:
-        plane.deploy(CHAMP, "bentos.service:FraudModel", role=Role.CHAMPION)
-        plane.deploy(CANARY, "bentos.service:FraudModel", role=Role.CANARY)
-        plane.set_weights({CHAMP: 80, CANARY: 20})
-        router.start()
+        # the router reads its routes per request: it starts while the arms do
+        with beside(router.start) as router_started:
+            plane.deploy(CHAMP, "bentos.service:FraudModel", role=Role.CHAMPION)
+            plane.deploy(CANARY, "bentos.service:FraudModel", role=Role.CANARY)
+            plane.set_weights({CHAMP: 80, CANARY: 20})
+        router_started.result()
         yield settings, plane, router
     finally:
         router.stop()
