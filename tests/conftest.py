@@ -1,3 +1,39 @@
-"""Shared pytest configuration: fixtures live in tests/fixtures/ and are registered here."""
+"""Shared pytest configuration: fixtures live in tests/fixtures/ and are registered here.
+
+The end-to-end demos (``tests/e2e``) run last but start as soon as they are collected:
+they run in the background beside the rest of the suite (see ``tests/e2e/demos.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
 
 pytest_plugins = ["tests.fixtures.prefect", "tests.fixtures.world"]
+
+
+def _is_e2e(item: pytest.Item) -> bool:
+    return item.get_closest_marker("e2e") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_is_e2e)  # stable: the e2e tests last, everything else in its order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly or not any(_is_e2e(i) for i in session.items):
+        return
+    from tests.e2e import demos
+
+    factory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    demos.start_in_background(factory.mktemp("demos"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    demos = sys.modules.get("tests.e2e.demos")
+    if demos is None:
+        return
+    problems = demos.stop_if_running()
+    if problems:
+        print("\n".join(["end-to-end demos left running:", *problems]))

@@ -1,20 +1,16 @@
 """The demo end to end: ``driftloop demo`` in a compressed mode, as a user runs it.
 
-The module runs the CLI twice, side by side, in subprocesses with ``--keep-running``
-(so each Prefect server is still up to be asked); each test then asserts from the
-server's events and the promotion ledger that one incident went drift -> retrain ->
-registered -> rollout steps -> promoted (or, with a challenger forced to fail, rolled
-back), that no acknowledged prediction is missing from Delta, and that no automation
-action failed; finally ``driftloop demo --stop`` stops everything by PID and the module
-checks it did.
+Two demos run side by side in subprocesses (``tests/e2e/demos.py``, started in the
+background as soon as the session has collected these tests); each test then asserts
+from the server's events and the promotion ledger that one incident went drift ->
+retrain -> registered -> rollout steps -> promoted (or, with a challenger forced to
+fail, rolled back), that no acknowledged prediction is missing from Delta, and that no
+automation action failed; finally ``driftloop demo --stop`` stops everything by PID and
+the module checks it did.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,113 +18,28 @@ from pathlib import Path
 import pytest
 
 from driftloop import events
-from driftloop.demo import DemoRun, latest_run, load_run
+from driftloop.demo import DemoRun
 from driftloop.ledger import Ledger
 from driftloop.plane.base import desired_state_path, load_desired_state
 from driftloop.settings import Settings
+from tests.e2e import demos as background
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
-
-REPO = Path(__file__).resolve().parents[2]
-#: a compressed demo: shorter stream before the drift, faster monitor
-DEMO_TIMEOUT = 720
-FAST = [
-    "--no-live",
-    "--keep-running",
-    "--inject-after", "25",
-    "--monitor-interval", "15",
-    "--timeout", str(DEMO_TIMEOUT),
-]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DRIFTLOOP_", "PREFECT_"))}
-    env["BENTOML_DO_NOT_TRACK"] = "True"
-    env.pop("BENTOML_HOME", None)
-    return env
-
-
-def _command(home: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "driftloop.cli", "demo", "--home", str(home), *extra]
-
-
-def _demo(home: Path, *extra: str, timeout: float = 1000) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        _command(home, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
-
-
-#: the two demos of this module: a healthy loop on the running example (concept drift,
-#: caught by labelled performance or prediction drift: ~2.5 min after the injection), and
-#: a new merchant category (caught by the first window after it, ~35 s) whose retrained
-#: challenger is forced to fail on the canary. The gate passed that challenger on PR AUC
-#: 0.597 and 0.612 against the champion's 0.572 in two runs (margin 0.005): it learns the
-#: new category's risk, which the champion can only bucket as "other".
-VARIANTS: dict[str, list[str]] = {
-    "promote": [],
-    "rollback": ["--fail-canary", "--scenario", "new_category"],
-}
-#: the second demo starts this much later, so the two set-ups (the CPU-heaviest part)
-#: do not coincide
-STAGGER_SECONDS = 20.0
 
 
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[DemoRun, str]]]:
-    """Run both demo variants to their end, side by side (each its own home, stack and
-    ports: two users' demos on one machine); stop what they kept running (``--stop``)
-    afterwards, and check that it stopped."""
-    base = tmp_path_factory.mktemp("demos")
-    homes = {name: base / name / "demo" for name in VARIANTS}
-    procs: dict[str, tuple[subprocess.Popen[str], Path, float]] = {}
-    runs: dict[str, tuple[DemoRun, str]] = {}
+    """Both demo variants run to their end (started in the background by the session,
+    or here); stop what they kept running (``--stop``) afterwards, and check that it
+    stopped."""
+    runner = background.running() or background.start_in_background(
+        tmp_path_factory.mktemp("demos")
+    )
     try:
-        for i, (name, extra) in enumerate(VARIANTS.items()):
-            if i:
-                time.sleep(STAGGER_SECONDS)
-            log = base / f"{name}.log"
-            with log.open("w") as out:
-                proc = subprocess.Popen(
-                    _command(homes[name], *FAST, *extra), cwd=REPO, env=_env(), text=True,
-                    stdout=out, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            procs[name] = (proc, log, time.monotonic())
-        for name, (proc, log, started) in procs.items():
-            left = max(1.0, DEMO_TIMEOUT + 180 - (time.monotonic() - started))
-            try:
-                code: int | str = proc.wait(timeout=left)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                code = "timed out"
-            output = f"after {time.monotonic() - started:.0f} s: exit {code}\n"
-            output += log.read_text(errors="replace")[-10000:]
-            run_dir = latest_run(homes[name])
-            assert run_dir is not None, output
-            runs[name] = (load_run(run_dir), output)
-        yield runs
+        yield runner.wait()
     finally:
-        for proc, _, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-        for name, (run, _) in runs.items():
-            stopped = _demo(homes[name], "--stop", timeout=180)
-            assert stopped.returncode == 0, stopped.stderr
-            time.sleep(1.0)
-            for rec in (run.server, run.worker, run.router):
-                assert rec is None or not _pid_alive(rec.pid), (
-                    f"{name}: {rec.name} (pid {rec.pid}) still runs"
-                )
+        problems = runner.stop()
+        assert not problems, problems
 
 
 @pytest.fixture
