@@ -26,6 +26,7 @@ from driftloop.prefect_local import (
     LocalPrefectServer,
     LocalWorker,
     PrefectProcessError,
+    ensure_process_pool,
     prefect_env,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "POOL",
     "StackInfo",
     "deploy",
+    "start_worker_and_deploy",
     "deployment_id",
     "down",
     "flow_runs",
@@ -95,6 +97,22 @@ def deploy(
     if done.returncode != 0:
         raise PrefectProcessError(f"prefect deploy failed ({done.returncode}):\n{out[-4000:]}")
     return out
+
+
+def start_worker_and_deploy(
+    api_url: str, pool: str, home: Path, env: Mapping[str, str], *, root: Path
+) -> LocalWorker:
+    """The process pool, then a worker's start-up and ``prefect deploy --all`` side by
+    side (both are mostly interpreter start-up); returns the registered worker. On any
+    failure the worker is stopped."""
+    ensure_process_pool(api_url, pool)
+    worker = LocalWorker(api_url, pool, home, env, cwd=root).spawn()
+    try:
+        deploy(api_url, home, env, root=root)
+        return worker.wait_started()
+    except BaseException:
+        worker.stop()
+        raise
 
 
 def deployment_id(api_url: str, flow_name: str, name: str) -> str:
@@ -168,14 +186,9 @@ def up(
     home = state_dir / "prefect"
     run_env = {HOME_VAR: str(root), **env}
     server = LocalPrefectServer(home, port).start()
-    worker = None
     try:
-        # the worker creates the process pool, which `prefect deploy` needs to exist
-        worker = LocalWorker(server.api_url, pool, home, run_env, cwd=root).start()
-        deploy(server.api_url, home, run_env, root=root)
+        worker = start_worker_and_deploy(server.api_url, pool, home, run_env, root=root)
     except BaseException:
-        if worker is not None:
-            worker.stop()
         server.stop()
         raise
     assert server.pid is not None and worker.pid is not None and server.port is not None

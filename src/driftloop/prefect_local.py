@@ -359,6 +359,28 @@ class LocalPrefectServer:
         return [line for line in text.splitlines() if ACTION_FAILED in line]
 
 
+def ensure_process_pool(api_url: str, pool: str) -> None:
+    """Create work pool ``pool`` of type ``process`` with the process worker's default
+    job template (what ``prefect work-pool create --type process`` does), unless a pool
+    of that name exists. A worker would create it too, but only once it has started:
+    creating it first lets ``prefect deploy`` run while the worker starts."""
+    from prefect.workers.process import ProcessWorker
+
+    body = {
+        "name": pool,
+        "type": "process",
+        "base_job_template": ProcessWorker.get_default_base_job_template(),
+    }
+    try:
+        response = httpx.post(f"{api_url.rstrip('/')}/work_pools/", json=body, timeout=30)
+    except httpx.HTTPError as exc:
+        raise PrefectProcessError(f"cannot create work pool {pool!r}: {exc}") from exc
+    if response.status_code != 409 and not response.is_success:
+        raise PrefectProcessError(
+            f"cannot create work pool {pool!r}: HTTP {response.status_code} {response.text[:500]}"
+        )
+
+
 class LocalWorker:
     """``prefect worker start --pool <pool> --type process`` with fast polling.
 
@@ -367,7 +389,8 @@ class LocalWorker:
     interpreters (``DRIFTLOOP_WARM_WORKER=0`` in ``env`` turns that off).
 
     Creates the pool if it does not exist. ``start()`` returns once the worker has
-    registered with the server (its first heartbeat).
+    registered with the server (its first heartbeat); ``spawn()`` and ``wait_started()``
+    are its two halves, to do something else while the worker starts.
     """
 
     def __init__(
@@ -394,6 +417,7 @@ class LocalWorker:
         self.startup_timeout = startup_timeout
         self.cwd = Path(cwd).resolve() if cwd is not None else self.home
         self.startup_seconds: float | None = None
+        self._began = time.monotonic()
         self._process = _Process(
             f"prefect worker {self.name}", self.home / f"worker-{self.name}.log", stop_timeout
         )
@@ -410,7 +434,8 @@ class LocalWorker:
     def running(self) -> bool:
         return self._process.running
 
-    def start(self) -> Self:
+    def spawn(self) -> Self:
+        """Start the worker process; do not wait for it (see :meth:`wait_started`)."""
         self.home.mkdir(parents=True, exist_ok=True)
         env = prefect_env(self.api_url, self.home)
         env.update(FAST_POLL_ENV)
@@ -427,14 +452,22 @@ class LocalWorker:
                 "--pool", self.pool, "--type", self.worker_type, "--name", self.name,
                 "--install-policy", "never",
             ]  # fmt: skip
-        began = time.monotonic()
+        self._began = time.monotonic()
         self._process._spawn(args, env, self.cwd)
+        return self
+
+    def start(self) -> Self:
+        """:meth:`spawn`, then :meth:`wait_started`."""
+        return self.spawn().wait_started()
+
+    def wait_started(self) -> Self:
+        """Wait until the spawned worker has registered (stopping it if it never does)."""
         try:
             self._wait_registered()
         except BaseException:
             self.stop()
             raise
-        self.startup_seconds = time.monotonic() - began
+        self.startup_seconds = time.monotonic() - self._began
         return self
 
     def _wait_registered(self) -> None:
