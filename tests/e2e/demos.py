@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driftloop.demo import DemoRun, latest_run, load_run
+from tests.fixtures.world import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 #: the demo's own time budget (``--timeout``); it runs beside the rest of the suite
@@ -65,17 +66,6 @@ def run_demo(home: Path, *extra: str, timeout: float = 1000) -> subprocess.Compl
         command(home, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
-
-
-def pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and " Z " not in stat.read_text()
 
 
 @dataclass

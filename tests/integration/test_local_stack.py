@@ -3,7 +3,6 @@ the worker starts while ``prefect deploy --all`` runs, and ``down`` stops both b
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -11,19 +10,11 @@ import pytest
 
 from driftloop import local_stack
 from driftloop.prefect_local import ensure_process_pool
+from tests.fixtures.world import pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and " Z " not in stat.read_text()
 
 
 def test_up_deploys_while_the_worker_starts_and_down_stops_both(tmp_path: Path) -> None:
@@ -42,8 +33,8 @@ def test_up_deploys_while_the_worker_starts_and_down_stops_both(tmp_path: Path) 
         assert len(workers) == 1
         for name, flow in [("monitor", "monitor"), ("retrain", "retrain"), ("rollout", "rollout")]:
             assert local_stack.deployment_id(api, flow, name)
-        assert _alive(info.server_pid) and _alive(info.worker_pid)
+        assert pid_alive(info.server_pid) and pid_alive(info.worker_pid)
     finally:
         stopped = local_stack.down(state)
     assert stopped is not None
-    assert not _alive(info.server_pid) and not _alive(info.worker_pid)
+    assert not pid_alive(info.server_pid) and not pid_alive(info.worker_pid)

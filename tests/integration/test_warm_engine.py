@@ -26,6 +26,7 @@ import pytest
 
 from driftloop import local_stack
 from driftloop.prefect_local import LocalPrefectServer, LocalWorker
+from tests.fixtures.world import pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -158,20 +159,11 @@ def _engine_pids(worker: LocalWorker) -> list[int]:
     return [int(k) for k in kids if "warm_engine" in Path(f"/proc/{k}/cmdline").read_text()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
-
-
 def _wait_gone(pid: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(pid), f"process {pid} still runs after {timeout} s"
+    assert not pid_alive(pid), f"process {pid} still runs after {timeout} s"
 
 
 def test_a_flow_run_forks_from_the_warm_engine_with_the_runs_environment(
@@ -217,7 +209,7 @@ def test_cancelling_a_warm_run_stops_its_process(
     run = _run(api, "sleep", out)
     _wait_state(api, run, {"RUNNING"})
     pid = _wait_file(out)["pid"]
-    assert _alive(pid)
+    assert pid_alive(pid)
     cancelling = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
     _api("POST", f"{api}/flow_runs/{run}/set_state", json=cancelling)
     assert _wait_state(api, run, {"CANCELLED", "CRASHED", "FAILED"}, timeout=90) == "CANCELLED"
