@@ -313,15 +313,17 @@ class OnlineColumns:
         merchants: Sequence[Mapping[str, Any] | None],
     ) -> OnlineColumns:
         """From :meth:`FeatureReader.read`'s per-row dicts."""
+        # one (features + event time) x rows table per entity, its rows as the columns
         values: dict[str, np.ndarray] = {}
+        stamps = []
         for names, entities in ((CARD_FEATURES, cards), (MERCHANT_FEATURES, merchants)):
-            for f in names:
-                values[f] = _floats([None if e is None else e.get(f) for e in entities])
-        return cls(
-            values,
-            _floats([None if e is None else e.get("event_timestamp") for e in cards]),
-            _floats([None if e is None else e.get("event_timestamp") for e in merchants]),
-        )
+            fields = (*names, "event_timestamp")
+            table = _floats(
+                [None if e is None else e.get(f) for f in fields for e in entities]
+            ).reshape(len(fields), len(entities))
+            values.update(zip(names, table, strict=False))
+            stamps.append(table[-1])
+        return cls(values, stamps[0], stamps[1])
 
 
 def _floats(values: Sequence[Any]) -> np.ndarray:
