@@ -542,12 +542,24 @@ class LabelLog(SpooledLog):
 
 
 # -- columnar records ------------------------------------------------------------------
+_COLUMN_TYPES = (np.ndarray, list, tuple, pl.Series)
+
+
 def _is_column(values: Any) -> bool:
-    return isinstance(values, np.ndarray | list | tuple | pl.Series)
+    return isinstance(values, _COLUMN_TYPES)
 
 
-def _column_values(name: str, values: Any, rows: int) -> list[Any]:
+def _column_values(name: str, values: Any, rows: int) -> Sequence[Any]:
     """One column as ``rows`` Python values: NaN and NaT as None, a scalar repeated."""
+    kind = type(values)
+    if kind is np.ndarray and values.ndim == 1 and len(values) == rows:  # the usual cases
+        code = values.dtype.kind
+        if code == "f":
+            return [None if v != v else v for v in values.tolist()]
+        if code in "iub":
+            return values.tolist()  # type: ignore[no-any-return]
+    elif kind is list and len(values) == rows:
+        return values  # type: ignore[no-any-return]
     if not _is_column(values):
         return [values] * rows
     if len(values) != rows:
@@ -569,7 +581,7 @@ def records_from_columns(columns: Mapping[str, Any], rows: int) -> list[dict[str
     numpy datetimes come out as naive datetimes, which the log reads as UTC.
     """
     names = list(columns)
-    values = [_column_values(n, columns[n], rows) for n in names]
+    values = [_column_values(n, v, rows) for n, v in columns.items()]
     return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
 
 

@@ -12,6 +12,7 @@ columnar one, so both score, log and count exactly alike.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import operator
@@ -312,15 +313,17 @@ class OnlineColumns:
         merchants: Sequence[Mapping[str, Any] | None],
     ) -> OnlineColumns:
         """From :meth:`FeatureReader.read`'s per-row dicts."""
+        # one (features + event time) x rows table per entity, its rows as the columns
         values: dict[str, np.ndarray] = {}
+        stamps = []
         for names, entities in ((CARD_FEATURES, cards), (MERCHANT_FEATURES, merchants)):
-            for f in names:
-                values[f] = _floats([None if e is None else e.get(f) for e in entities])
-        return cls(
-            values,
-            _floats([None if e is None else e.get("event_timestamp") for e in cards]),
-            _floats([None if e is None else e.get("event_timestamp") for e in merchants]),
-        )
+            fields = (*names, "event_timestamp")
+            table = _floats(
+                [None if e is None else e.get(f) for f in fields for e in entities]
+            ).reshape(len(fields), len(entities))
+            values.update(zip(names, table, strict=False))
+            stamps.append(table[-1])
+        return cls(values, stamps[0], stamps[1])
 
 
 def _floats(values: Sequence[Any]) -> np.ndarray:
@@ -403,6 +406,8 @@ class Scorer:
         self.version = model.version
         self.record_metrics = record_metrics
         self._labels = (model_name, self.version)
+        # labelled metric children, made on first use (as ``.labels()`` would) and kept
+        self._children: dict[tuple[Any, ...], Any] = {}
         # category -> code, exactly the encoder's mapping (FeatureEncoder.code); None -> NaN
         self._codes = {col: _code_table(vals) for col, vals in model.encoder.vocab.items()}
 
@@ -474,7 +479,7 @@ class Scorer:
                 "score": scores,
                 "decision": decisions.astype(np.int8),
                 "latency_ms": elapsed_ms,
-                "date": received.strftime("%Y-%m-%d"),
+                "date": received.date().isoformat(),  # strftime("%Y-%m-%d"), cheaper
             }
             append_columns = getattr(self.sink, "append_columns", None)
             if append_columns is not None:
@@ -485,9 +490,7 @@ class Scorer:
                 self.sink.append(records_from_columns(columns, n))
         if self.record_metrics:
             self._count(scores, decisions, age, unknown, unseen, missing)
-            metrics.PREDICT_LATENCY.labels(name, version, endpoint).observe(
-                time.perf_counter() - started
-            )
+            self._child(metrics.PREDICT_LATENCY, endpoint).observe(time.perf_counter() - started)
         return PredictionColumns.model_construct(
             rows=n,
             request_id=request_ids,
@@ -544,22 +547,30 @@ class Scorer:
         unseen: Mapping[str, np.ndarray],
         missing: Mapping[str, np.ndarray],
     ) -> None:
-        name, version = self._labels
-        _observe_many(metrics.SCORE.labels(name, version), scores)
-        fraud = int(decisions.sum())
+        child = self._child
+        _observe_many(child(metrics.SCORE), scores)
+        fraud = int(np.count_nonzero(decisions))
         for decision, count in (("fraud", fraud), ("legit", len(decisions) - fraud)):
             if count:
-                metrics.PREDICTIONS.labels(name, version, decision).inc(count)
-        _observe_many(metrics.FEATURE_AGE.labels(name, version), age[~np.isnan(age)])
+                child(metrics.PREDICTIONS, decision).inc(count)
+        _observe_many(child(metrics.FEATURE_AGE), age[~np.isnan(age)])
         for entity, mask in unknown.items():
-            if count := int(mask.sum()):
-                metrics.UNKNOWN_ENTITY.labels(name, version, entity).inc(count)
+            if count := int(np.count_nonzero(mask)):
+                child(metrics.UNKNOWN_ENTITY, entity).inc(count)
         for column, mask in unseen.items():
-            if count := int(mask.sum()):
-                metrics.UNSEEN_CATEGORY.labels(name, version, column).inc(count)
+            if count := int(np.count_nonzero(mask)):
+                child(metrics.UNSEEN_CATEGORY, column).inc(count)
         for column, mask in missing.items():
-            if count := int(mask.sum()):
-                metrics.MISSING_VALUE.labels(name, version, column).inc(count)
+            if count := int(np.count_nonzero(mask)):
+                child(metrics.MISSING_VALUE, column).inc(count)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(model name, version, *labels)``, looked up once per labels."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*self._labels, *labels)
+        return child
 
 
 def _code_table(vocabulary: Sequence[str]) -> dict[str | None, float]:
@@ -587,6 +598,9 @@ def _epoch_micros(
         return np.full(n, (default - _EPOCH) // _MICROSECOND, dtype=np.int64)
     if None in values:
         values = [default if v is None else v for v in values]
+    if n == 1 and (one := values[0]) is not None and one.utcoffset() is not None:
+        # one aware value: the exact difference (what the passes below compute)
+        return np.array([(one - _EPOCH) // _MICROSECOND], dtype=np.int64)
     micros = np.fromiter(map(_MICROSECOND_OF, values), np.int64, n)
     zones = set(map(_TZINFO_OF, values))
     zone = zones.pop() if len(zones) == 1 else None
@@ -618,6 +632,11 @@ def _request_ids(given: Sequence[str | None] | None, n: int) -> list[str]:
 
 def _uuid4_hex(n: int) -> list[str]:
     """``n`` random version-4 UUIDs as 32 hex digits (``uuid.uuid4().hex``), in one go."""
+    if n == 1:  # the same bytes and bits without numpy
+        one = bytearray(os.urandom(16))
+        one[6] = (one[6] & 0x0F) | 0x40
+        one[8] = (one[8] & 0x3F) | 0x80
+        return [one.hex()]
     raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
@@ -650,6 +669,12 @@ def _observe_many(histogram: Any, values: np.ndarray) -> None:
     if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
         for v in values.tolist():
             histogram.observe(v)
+        return
+    if len(values) == 1:  # one value: no numpy passes (same bucket, same sum)
+        value = float(values[0])
+        total.inc(value)
+        if value == value:  # NaN falls in no bucket, as with searchsorted
+            buckets[bisect.bisect_left(bounds, value)].inc(1)
         return
     counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds) + 1)
     total.inc(float(values.sum()))
