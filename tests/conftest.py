@@ -1,7 +1,8 @@
 """Shared pytest configuration: fixtures live in tests/fixtures/ and are registered here.
 
-The end-to-end demos (``tests/e2e``) run last but start as soon as they are collected:
-they run in the background beside the rest of the suite (see ``tests/e2e/demos.py``).
+The end-to-end demos (``tests/e2e``) are asserted last but start as soon as they are
+collected: they run in the background beside the rest of the suite (see
+``tests/e2e/demos.py``), the integration tests first (mostly waiting), then the unit tests.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ def _is_e2e(item: pytest.Item) -> bool:
     return item.get_closest_marker("e2e") is not None
 
 
+def _order(item: pytest.Item) -> int:
+    """Integration tests first (they mostly wait on servers: they leave the background
+    demos CPU), then the unit tests (CPU-bound, short), the e2e tests last."""
+    if _is_e2e(item):
+        return 2
+    return 0 if "integration" in item.path.parts else 1
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=_is_e2e)  # stable: the e2e tests last, everything else in its order
+    if any(_is_e2e(i) for i in items):
+        items.sort(key=_order)  # stable: each group keeps its order
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
