@@ -7,14 +7,13 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
 
 from driftloop import events as ev
 from driftloop.errors import EventError
-from driftloop.prefect_local import LocalPrefectServer, LocalWorker, free_port, port_is_free
+from driftloop.prefect_local import LocalWorker, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -228,47 +227,3 @@ def test_worker_registers_and_stops_by_pid(prefect_worker: Callable[..., LocalWo
     assert not worker.running
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-
-
-@pytest.mark.slow  # starts a second server on a fresh database (~10-30 s here)
-def test_server_lifecycle_failed_actions_and_stop_by_pid(tmp_path: Path) -> None:
-    server = LocalPrefectServer(tmp_path / "prefect")
-    with server:
-        assert server.startup_seconds is not None
-        assert httpx.get(f"{server.api_url}/health").json() is True
-        # an automation whose action cannot run: the server logs "Action failed"
-        automation = {
-            "name": "broken",
-            "trigger": {
-                "type": "event",
-                "posture": "Reactive",
-                "expect": ["driftloop.retrain.skipped"],
-                "match": {"prefect.resource.id": "driftloop.model.*"},
-                "threshold": 1,
-                "within": 0,
-            },
-            "actions": [
-                {
-                    "type": "run-deployment",
-                    "source": "selected",
-                    "deployment_id": str(uuid.UUID(int=0)),
-                    "parameters": {},
-                }
-            ],
-        }
-        httpx.post(f"{server.api_url}/automations/", json=automation).raise_for_status()
-        time.sleep(1)  # the triggers service picks automations up asynchronously
-        offset = server.log_offset()
-        ev.emit(
-            server.api_url, ev.EventName.RETRAIN_SKIPPED, {"model_name": "fraud", "reason": "x"}
-        )
-        deadline = time.monotonic() + 20
-        while not server.failed_actions(offset) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert server.failed_actions(offset)
-        pid, port = server.pid, server.port
-        assert pid is not None and port is not None
-    assert not server.running
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pid, 0)  # no process of its group is left
-    assert port_is_free(port)
