@@ -40,10 +40,10 @@ import operator
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -69,6 +69,17 @@ _SQLITE_MIN_IDS = 16
 _INT64 = struct.Struct("<q")
 _FIRST = operator.itemgetter(0)
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _guarded(view: _View, read: Callable[[_View, Any], T], ids: Any) -> T:
+    """``read(view, ids)``; any failure but a :class:`FeatureStoreError` is reported as one."""
+    try:
+        return read(view, ids)
+    except FeatureStoreError:
+        raise
+    except Exception as exc:
+        raise FeatureStoreError(f"online read of {view.name} failed: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -165,12 +176,7 @@ class FastOnlineReader:
         if not distinct:
             return {}
         if self._sqlite is not None and len(distinct) <= _SQLITE_CHUNK:
-            try:
-                direct = self._sqlite.rows(view, distinct)
-            except FeatureStoreError:
-                raise
-            except Exception as exc:
-                raise FeatureStoreError(f"online read of {view.name} failed: {exc}") from exc
+            direct = _guarded(view, self._sqlite.rows, distinct)
             if direct is not None:
                 return direct
         keys = [
@@ -260,12 +266,7 @@ class FastOnlineReader:
         """For distinct ``ids``: the event time of each one's row (epoch seconds, NaN when
         unknown) and its values (rows x ``view.features``, NaN when missing)."""
         if self._sqlite is not None and len(ids) >= _SQLITE_MIN_IDS:
-            try:
-                found = self._sqlite.read(view, ids)
-            except FeatureStoreError:
-                raise
-            except Exception as exc:
-                raise FeatureStoreError(f"online read of {view.name} failed: {exc}") from exc
+            found = _guarded(view, self._sqlite.read, ids)
             if found is not None:
                 return found
         ts = np.full(len(ids), np.nan)
