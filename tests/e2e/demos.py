@@ -1,13 +1,10 @@
-"""The end-to-end demo runs of ``test_demo.py``, started in the background.
+"""The end-to-end demo runs of ``test_demo.py``.
 
 Each demo is ``driftloop demo`` in a compressed mode, as a user runs it, in a
 subprocess with ``--keep-running`` (so its Prefect server is still up to be asked),
-each in its own home with its own stack and ports: two users' demos on one machine.
-They are started as soon as the session has collected an e2e test
-(``tests/conftest.py``) and run beside the rest of the suite, whose tests mostly wait
-on servers; the e2e tests run last and only wait for them to end. Everything they
-leave running is stopped by PID (``driftloop demo --stop``), by the ``demos`` fixture
-or, if the session ends first, by ``pytest_sessionfinish``.
+each in its own home with its own stack and ports: two users' demos on one machine,
+side by side (the second ``STAGGER_SECONDS`` later). Everything they leave running is
+stopped by PID (``driftloop demo --stop``) by :meth:`Demos.stop`.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +20,7 @@ from driftloop.demo import DemoRun, latest_run, load_run
 from tests.fixtures.world import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
-#: the demo's own time budget (``--timeout``); it runs beside the rest of the suite
+#: the demo's own time budget (``--timeout``)
 DEMO_TIMEOUT = 1000
 FAST = [
     "--no-live",
@@ -73,39 +69,29 @@ class _Launched:
 
 
 class Demos:
-    """Both variants, launched in a thread (the second ``STAGGER_SECONDS`` later)."""
+    """Both variants, the second launched ``STAGGER_SECONDS`` after the first."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
         self.homes = {name: base / name / "demo" for name in VARIANTS}
         self.launched: dict[str, _Launched] = {}
         self.runs: dict[str, tuple[DemoRun, str]] = {}
-        self.stopped = False
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._launch, name="demos", daemon=True)
 
     def start(self) -> Demos:
-        self._thread.start()
-        return self
-
-    def _launch(self) -> None:
         for i, (name, extra) in enumerate(VARIANTS.items()):
             if i:
                 time.sleep(STAGGER_SECONDS)
-            with self._lock:
-                if self.stopped:
-                    return
-                log = self.base / f"{name}.log"
-                with log.open("w") as out:
-                    proc = subprocess.Popen(
-                        command(self.homes[name], *FAST, *extra), cwd=REPO, env=_env(),
-                        text=True, stdout=out, stderr=subprocess.STDOUT,
-                    )  # fmt: skip
-                self.launched[name] = _Launched(proc, log, time.monotonic())
+            log = self.base / f"{name}.log"
+            with log.open("w") as out:
+                proc = subprocess.Popen(
+                    command(self.homes[name], *FAST, *extra), cwd=REPO, env=_env(),
+                    text=True, stdout=out, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            self.launched[name] = _Launched(proc, log, time.monotonic())
+        return self
 
     def wait(self) -> dict[str, tuple[DemoRun, str]]:
         """Wait for both demos to end; their runs and the tail of their output."""
-        self._thread.join()
         for name, launched in self.launched.items():
             if name in self.runs:
                 continue
@@ -124,8 +110,6 @@ class Demos:
 
     def stop(self) -> list[str]:
         """Stop what the demos keep running (by PID); what still runs afterwards."""
-        with self._lock:
-            self.stopped = True
         problems: list[str] = []
         for launched in self.launched.values():
             if launched.proc.poll() is None:
@@ -145,26 +129,3 @@ class Demos:
                 if rec is not None and pid_alive(rec.pid):
                     problems.append(f"{name}: {rec.name} (pid {rec.pid}) still runs")
         return problems
-
-
-#: the session's demos, once started
-_demos: Demos | None = None
-
-
-def start_in_background(base: Path) -> Demos:
-    """Start the demos (once per session)."""
-    global _demos
-    if _demos is None:
-        _demos = Demos(base).start()
-    return _demos
-
-
-def running() -> Demos | None:
-    return _demos
-
-
-def stop_if_running() -> list[str]:
-    """Stop the session's demos if nobody has (the session ended before the e2e tests)."""
-    if _demos is None or _demos.stopped:
-        return []
-    return _demos.stop()

@@ -1,11 +1,10 @@
 """The demo end to end: ``driftloop demo`` in a compressed mode, as a user runs it.
 
-Two demos run side by side in subprocesses (``tests/e2e/demos.py``, started in the
-background as soon as the session has collected these tests); each test then asserts
-from the server's events and the promotion ledger that one incident went drift ->
-retrain -> registered -> rollout steps -> promoted (or, with a challenger forced to
-fail, rolled back), that no acknowledged prediction is missing from Delta, and that no
-automation action failed; finally ``driftloop demo --stop`` stops everything by PID and
+Two demos run side by side in subprocesses (``tests/e2e/demos.py``); each test then
+asserts from the server's events and the promotion ledger that one incident went
+drift -> retrain -> registered -> rollout steps -> promoted (or, with a challenger
+forced to fail, rolled back), that no acknowledged prediction is missing from Delta,
+and that no automation action failed; finally ``driftloop demo --stop`` stops everything by PID and
 the module checks it did.
 """
 
@@ -22,21 +21,18 @@ from driftloop.demo import DemoRun
 from driftloop.ledger import Ledger
 from driftloop.plane.base import desired_state_path, load_desired_state
 from driftloop.settings import Settings
-from tests.e2e import demos as background
+from tests.e2e.demos import Demos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[DemoRun, str]]]:
-    """Both demo variants run to their end (started in the background by the session,
-    or here); stop what they kept running (``--stop``) afterwards, and check that it
-    stopped."""
-    runner = background.running() or background.start_in_background(
-        tmp_path_factory.mktemp("demos")
-    )
+    """Both demo variants run to their end; stop what they kept running (``--stop``)
+    afterwards, and check that it stopped."""
+    runner = Demos(tmp_path_factory.mktemp("demos"))
     try:
-        yield runner.wait()
+        yield runner.start().wait()
     finally:
         problems = runner.stop()
         assert not problems, problems
