@@ -117,7 +117,7 @@ class FraudModel:
         self.labels.start()
         self.scorer = Scorer(
             self.model,
-            FastOnlineReader(settings),
+            FastOnlineReader(settings, cache=settings.online_cache),
             self.predictions,
             model_name=settings.model_name,
             arm=settings.arm,

@@ -26,6 +26,14 @@ in SQL, and without building a ``ValueProto`` dict per entity and a ``datetime``
 (several times faster for thousands of entities); on any other online store it
 goes through ``online_read`` as above.
 
+On the SQLite store, what was read is kept in memory until the store changes
+(:class:`_Generation`): each call first asks SQLite whether a write was committed since
+the last one (``PRAGMA data_version``, ~10 us, and the connection's own
+``total_changes``); if none was, entities read before are answered from memory, others
+are read and kept. Any write, by any process, drops everything kept, so a pushed value
+is served by the next read after its commit. ``DRIFTLOOP_ONLINE_CACHE=false`` (or
+``cache=False``) reads every entity every time.
+
 The feature service and its views are resolved from the registry once and refreshed
 every minute, like :func:`driftloop.features._feature_service`.
 """
@@ -58,6 +66,8 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 _REFRESH_SECONDS = 60.0
+#: "look at the store's content now" (the default of the SQLite reads' ``generation``)
+_CHECK = object()
 #: the request entity each view is keyed by (position in ``read``'s arguments)
 _VIEW_ENTITY = {features.CARD_VIEW: 0, features.MERCHANT_VIEW: 1}
 _TS = pl.Datetime("us", "UTC")
@@ -96,7 +106,8 @@ class FastOnlineReader:
 
     Thread-safe for reads (the SQLite connection is Feast's, shared as in
     :class:`~driftloop.serving.FeastOnlineReader`). Pass settings, or a long-lived
-    ``FeatureStore`` from :func:`driftloop.features.get_store`.
+    ``FeatureStore`` from :func:`driftloop.features.get_store`. ``cache=False`` reads
+    every entity from the store on every call (see :class:`_Generation`).
     """
 
     def __init__(
@@ -104,6 +115,7 @@ class FastOnlineReader:
         store_or_settings: FeatureStore | Settings,
         *,
         feature_service: str = features.FEATURE_SERVICE,
+        cache: bool = True,
     ) -> None:
         self._store = (
             features.get_store(store_or_settings)
@@ -120,7 +132,7 @@ class FastOnlineReader:
         except Exception as exc:
             raise FeatureStoreError(f"no online store provider: {exc}") from exc
         self._resolve()
-        self._sqlite = _SqliteRows.create(self._provider, self._config)
+        self._sqlite = _SqliteRows.create(self._provider, self._config, cache=cache)
 
     # -- registry ----------------------------------------------------------------------
     def _resolve(self) -> tuple[_View, ...]:
@@ -165,8 +177,21 @@ class FastOnlineReader:
         return _View(table, name, keys[0].name, wanted, ttl)
 
     # -- reads -------------------------------------------------------------------------
+    def _generation(self) -> _Generation | None:
+        """The SQLite reads' cache of the store's present content, checked once per call
+        (None without the direct SQLite reads or with caching off)."""
+        if self._sqlite is None:
+            return None
+        try:
+            return self._sqlite.current()
+        except Exception as exc:
+            raise FeatureStoreError(f"online store check failed: {exc}") from exc
+
     def _read_view(
-        self, view: _View, ids: Sequence[int | None]
+        self,
+        view: _View,
+        ids: Sequence[int | None],
+        generation: _Generation | None | object = _CHECK,
     ) -> dict[int, tuple[datetime, dict[str, Any]]]:
         """The stored row of each distinct id: (event time, UTC; values)."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -176,7 +201,8 @@ class FastOnlineReader:
         if not distinct:
             return {}
         if self._sqlite is not None and len(distinct) <= _SQLITE_CHUNK:
-            direct = _guarded(view, self._sqlite.rows, distinct)
+            direct_rows = functools.partial(self._sqlite.rows, generation=generation)
+            direct = _guarded(view, direct_rows, distinct)
             if direct is not None:
                 return direct
         keys = [
@@ -208,9 +234,11 @@ class FastOnlineReader:
         self, ids_by_entity: tuple[Sequence[int | None], Sequence[int | None]]
     ) -> list[tuple[_View, list[tuple[datetime, dict[str, Any]] | None]]]:
         out = []
-        for view in self._resolve():
+        views = self._resolve()
+        generation = self._generation()
+        for view in views:
             ids = ids_by_entity[_VIEW_ENTITY[view.name]]
-            found = self._read_view(view, ids)
+            found = self._read_view(view, ids, generation)
             out.append((view, [None if i is None else found.get(i) for i in ids]))
         return out
 
@@ -252,26 +280,31 @@ class FastOnlineReader:
         nan = np.full(n, np.nan)
         values: dict[str, np.ndarray] = {f: nan for f in (*CARD_FEATURES, *MERCHANT_FEATURES)}
         stamps = [nan, nan]
-        for view in self._resolve():
+        views = self._resolve()
+        generation = self._generation()
+        for view in views:
             position = _VIEW_ENTITY[view.name]
             distinct, inverse = np.unique((cards, merchants)[position], return_inverse=True)
-            ts, matrix = self._view_columns(view, distinct)
+            ts, matrix = self._view_columns(view, distinct, generation)
             stamps[position] = ts[inverse]
             for j, f in enumerate(view.features):
                 if f in _VIEW_NAMES[view.name]:
                     values[f] = matrix[inverse, j]
         return OnlineColumns(values, stamps[0], stamps[1])
 
-    def _view_columns(self, view: _View, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _view_columns(
+        self, view: _View, ids: np.ndarray, generation: _Generation | None | object = _CHECK
+    ) -> tuple[np.ndarray, np.ndarray]:
         """For distinct ``ids``: the event time of each one's row (epoch seconds, NaN when
         unknown) and its values (rows x ``view.features``, NaN when missing)."""
         if self._sqlite is not None and len(ids) >= _SQLITE_MIN_IDS:
-            found = _guarded(view, self._sqlite.read, ids)
+            read = functools.partial(self._sqlite.read, generation=generation)
+            found = _guarded(view, read, ids)
             if found is not None:
                 return found
         ts = np.full(len(ids), np.nan)
         matrix = np.full((len(ids), len(view.features)), np.nan)
-        rows = self._read_view(view, ids.tolist())
+        rows = self._read_view(view, ids.tolist(), generation)
         for i, entity in enumerate(ids.tolist()):
             row = rows.get(entity)
             if row is None:
@@ -353,7 +386,7 @@ class _SqliteRows:
     are not what this was written against (then the reader uses ``online_read``).
     """
 
-    def __init__(self, online_store: Any, config: Any) -> None:
+    def __init__(self, online_store: Any, config: Any, *, cache: bool = True) -> None:
         from feast.infra.online_stores.sqlite import _quote_id, _table_id
         from feast.protos.feast.types.Value_pb2 import Value
 
@@ -364,16 +397,19 @@ class _SqliteRows:
         self._parse = Value.FromString
         self._prefixes: dict[str, bytes | None] = {}
         self._tables: dict[str, tuple[Any, str]] = {}
+        self._cache = cache
+        self._generation: _Generation | None = None
+        self._generation_lock = threading.Lock()
 
     @classmethod
-    def create(cls, provider: Any, config: Any) -> _SqliteRows | None:
+    def create(cls, provider: Any, config: Any, *, cache: bool = True) -> _SqliteRows | None:
         try:
             from feast.infra.online_stores.sqlite import SqliteOnlineStore
 
             online_store = provider.online_store
             if not isinstance(online_store, SqliteOnlineStore):
                 return None
-            return cls(online_store, config)
+            return cls(online_store, config, cache=cache)
         except Exception as exc:  # any surprise: the generic path still works
             logger.warning("no batch reads of the SQLite online store: %s", exc)
             return None
@@ -421,11 +457,57 @@ class _SqliteRows:
         self._tables[view.name] = (view.table, name)
         return name
 
+    # -- what was read since the store last changed ---------------------------------
+    def current(self) -> _Generation | None:
+        """The cache of the store's present content (None when caching is off): a new,
+        empty one whenever a write was committed since the last call, by any connection."""
+        if not self._cache:
+            return None
+        conn = self._online_store._get_conn(self._config)
+        # data_version moves on commits of other connections (other processes included),
+        # total_changes on this connection's own writes (a push in this process)
+        marker = (id(conn), conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        generation = self._generation
+        if generation is None or generation.marker != marker:
+            with self._generation_lock:
+                generation = self._generation
+                if generation is None or generation.marker != marker:
+                    generation = self._generation = _Generation(marker)
+        return generation
+
     def rows(
-        self, view: Any, ids: Sequence[int]
+        self, view: Any, ids: Sequence[int], *, generation: _Generation | None | object = _CHECK
     ) -> dict[int, tuple[datetime, dict[str, Any]]] | None:
         """What ``_read_view`` makes of ``online_read``'s answer for distinct ``ids``
-        (at most :data:`_SQLITE_CHUNK`); None to use ``online_read``.
+        (at most :data:`_SQLITE_CHUNK`); None to use ``online_read``. Entities read
+        since the store last changed are answered from memory (``generation``: what
+        :meth:`current` returned for this call; checked here when not given)."""
+        if generation is _CHECK:
+            generation = self.current()
+        if not isinstance(generation, _Generation):
+            return self._rows(view, ids)
+        cache = generation.rows_of(view)
+        found: dict[int, tuple[datetime, dict[str, Any]]] = {}
+        missing: list[int] = []
+        for i in ids:
+            row = cache.get(i, _MISS)
+            if row is _MISS:
+                missing.append(i)
+            elif row is not None:
+                found[i] = row
+        if missing:
+            read = self._rows(view, missing)
+            if read is None:
+                return None
+            found.update(read)
+            if len(cache) < _CACHE_MAX_ENTITIES:
+                cache.update((i, read.get(i)) for i in missing)
+        return found
+
+    def _rows(
+        self, view: Any, ids: Sequence[int]
+    ) -> dict[int, tuple[datetime, dict[str, Any]]] | None:
+        """:meth:`rows` from the store.
 
         The very query ``online_read`` runs (same SQL text, so the same plan and the same
         order of an entity's rows), with the keys built from the checked prefix instead
@@ -468,8 +550,37 @@ class _SqliteRows:
             )
         return found
 
-    def read(self, view: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def read(
+        self, view: Any, ids: np.ndarray, *, generation: _Generation | None | object = _CHECK
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """(event times, values) of distinct ``ids``; None to use the generic path.
+        Entities read since the store last changed are answered from memory (as
+        :meth:`rows`)."""
+        if generation is _CHECK:
+            generation = self.current()
+        if not isinstance(generation, _Generation):
+            return self._read(view, ids)
+        mirror = generation.columns_of(view)
+        ids_list = ids.tolist()
+        positions = mirror.positions(ids_list)
+        missing = positions < 0
+        if not missing.any():
+            return mirror.ts[positions], mirror.matrix[positions]
+        read = self._read(view, ids[missing])
+        if read is None:
+            return None
+        ts = np.empty(len(ids_list))
+        matrix = np.empty((len(ids_list), len(view.features)))
+        hit = ~missing
+        if hit.any():
+            ts[hit] = mirror.ts[positions[hit]]
+            matrix[hit] = mirror.matrix[positions[hit]]
+        ts[missing], matrix[missing] = read
+        mirror.add(ids[missing].tolist(), *read)
+        return ts, matrix
+
+    def _read(self, view: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`read` from the store.
 
         SQLite does the matching: the keys go in as a ``VALUES`` list of (position, key)
         joined to the table, and each row comes back as (position of its entity, position
@@ -526,6 +637,78 @@ class _SqliteRows:
             [blobs[k] for k in wanted.tolist()], self._parse
         )
         return ts, matrix
+
+
+#: a cache keeps at most this many entities per view (then reads the rest from the store)
+_CACHE_MAX_ENTITIES = 1_000_000
+_MISS = object()
+
+
+class _Generation:
+    """What was read from the online store while its content stayed the same.
+
+    The store's SQLite file changes only by committed writes (a push, a
+    materialisation, ``feast apply``); ``PRAGMA data_version`` and the connection's
+    ``total_changes`` tell whether one happened since the last read. Until then an
+    entity read once reads the same again, so it is answered from here: the very
+    values the query returned, unknown entities included. After a write the whole
+    generation is dropped (readers that still hold it only add to it): a pushed value
+    is served by the next read after the push's commit, as without the cache.
+    """
+
+    def __init__(self, marker: tuple[int, ...]) -> None:
+        self.marker = marker
+        self._rows: dict[tuple[str, tuple[str, ...]], dict[int, Any]] = {}
+        self._columns: dict[tuple[str, tuple[str, ...]], _Mirror] = {}
+
+    def rows_of(self, view: Any) -> dict[int, Any]:
+        """id -> ``rows``' answer for it (None: the store has no row for it)."""
+        key = (view.name, view.features)
+        cache = self._rows.get(key)
+        if cache is None:
+            cache = self._rows.setdefault(key, {})
+        return cache
+
+    def columns_of(self, view: Any) -> _Mirror:
+        key = (view.name, view.features)
+        mirror = self._columns.get(key)
+        if mirror is None:
+            mirror = self._columns.setdefault(key, _Mirror(len(view.features)))
+        return mirror
+
+
+class _Mirror:
+    """``read``'s answers per entity id, column-wise: event times and value rows."""
+
+    def __init__(self, width: int) -> None:
+        self.index: dict[int, int] = {}
+        self.ts = np.empty(0)
+        self.matrix = np.empty((0, width))
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def positions(self, ids: list[int]) -> np.ndarray:
+        """The row of each id (-1 when not read yet)."""
+        return np.fromiter(
+            map(self.index.get, ids, itertools.repeat(-1, len(ids))), np.intp, len(ids)
+        )
+
+    def add(self, ids: list[int], ts: np.ndarray, matrix: np.ndarray) -> None:
+        with self._lock:
+            start, end = self._size, self._size + len(ids)
+            if end > _CACHE_MAX_ENTITIES:
+                return
+            if end > len(self.ts):  # grow: the new arrays hold the old rows before use
+                capacity = max(end, 2 * len(self.ts), 1024)
+                grown_ts = np.empty(capacity)
+                grown = np.empty((capacity, self.matrix.shape[1]))
+                grown_ts[:start] = self.ts[:start]
+                grown[:start] = self.matrix[:start]
+                self.ts, self.matrix = grown_ts, grown
+            self.ts[start:end] = ts
+            self.matrix[start:end] = matrix
+            self._size = end
+            self.index.update(zip(ids, range(start, end), strict=True))  # published last
 
 
 def _padded_size(n: int) -> int:

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         default="champion", description="Name of the serving arm, recorded in every log record"
     )
     max_batch_rows: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    online_cache: bool = Field(
+        default=True,
+        description=(
+            "answer entities read since the Feast SQLite online store last changed from "
+            "memory (any committed write drops the cache)"
+        ),
+    )
     feedback_token: SecretStr | None = Field(default=None, description="Token for POST /feedback")
     webhook_secret: SecretStr | None = Field(default=None, description="HMAC secret for webhooks")
 

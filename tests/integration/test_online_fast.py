@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -68,8 +69,9 @@ def test_read_is_the_read_of_the_serving_reader(world: World, store) -> None:
 
 
 def test_pushed_values_are_read_live_nulls_included(world: World, store) -> None:
-    """A card unknown to the store becomes known after a push (no caching of values);
-    a value pushed as null reads as missing, as through Feast's response."""
+    """A card unknown to the store becomes known after a push (its unknown answer is
+    not kept past the push); a value pushed as null reads as missing, as through
+    Feast's response."""
     from driftloop import features
     from driftloop.online_fast import FastOnlineReader
 
@@ -159,3 +161,76 @@ def test_direct_sqlite_reads_are_online_reads(world: World, store) -> None:
         direct.frame([*few_cards, None], [*few_merchants, None]),
         features.online_features(store, [*few_cards, None], [*few_merchants, None]),
     )
+
+
+def card_row(card: int, at, count_24h: int) -> pl.DataFrame:
+    from driftloop import features
+
+    return pl.DataFrame(
+        {
+            "card_id": [card],
+            "event_timestamp": [at],
+            "card_txn_count_1h": [1],
+            "card_txn_count_24h": [count_24h],
+            "card_amount_mean_1h": [10.0],
+            "card_amount_mean_24h": [20.0],
+            "card_last_txn_ts": [at.timestamp() - 5.0],
+        },
+        schema=features.CARD_FEATURE_SCHEMA,
+    )
+
+
+def test_cached_reads_follow_every_committed_write(world: World, store) -> None:
+    """Entities read once are answered from memory until the store changes: the second
+    read of a batch runs no feature query, and answers what an uncached reader reads.
+    A push from another connection (as from another process) and one through the
+    reader's own store are both seen by the very next read, for a batch and one row."""
+    from driftloop import features
+    from driftloop.online_fast import FastOnlineReader
+
+    reader = FastOnlineReader(store)
+    uncached = FastOnlineReader(store, cache=False)
+    card = 3 * 10**9 + random.randrange(10**8)
+    cards, merchants = entity_pairs(world, n=300)
+    known = [(c, m) for c, m in zip(cards, merchants, strict=True) if c is not None]
+    batch_cards = [card, *(c for c, _ in known)]
+    batch_merchants = [known[0][1], *(m for _, m in known)]
+
+    def same_as_uncached() -> None:
+        got, expected = (r.columns(batch_cards, batch_merchants) for r in (reader, uncached))
+        for name, values in expected.values.items():
+            np.testing.assert_array_equal(got.values[name], values, err_msg=name)
+        np.testing.assert_array_equal(got.card_ts, expected.card_ts)
+        np.testing.assert_array_equal(got.merchant_ts, expected.merchant_ts)
+        assert reader.read([card], batch_merchants[:1]) == uncached.read(
+            [card], batch_merchants[:1]
+        )
+
+    statements: list[str] = []
+    conn = reader._sqlite._online_store._get_conn(reader._sqlite._config)
+    conn.set_trace_callback(statements.append)
+    try:
+        same_as_uncached()  # the card is unknown: cached as unknown
+        statements.clear()
+        reader.columns(batch_cards, batch_merchants)
+        reader.read([card], batch_merchants[:1])
+        assert statements and all(s.startswith("PRAGMA") for s in statements), statements
+        unknown = reader.columns([card] * 20, batch_merchants[:20])
+        assert np.isnan(unknown.values["card_txn_count_24h"][0]) and np.isnan(unknown.card_ts[0])
+        at = world.transactions["event_timestamp"].max()
+        # another connection's commit (a FeatureStore of its own, as another process)
+        features.push_card_features(features.get_store(world.settings()), card_row(card, at, 7))
+        assert (
+            reader.columns([card] * 20, batch_merchants[:20]).values["card_txn_count_24h"][0] == 7.0
+        )
+        assert reader.read([card], batch_merchants[:1])[0][0]["card_txn_count_24h"] == 7
+        same_as_uncached()
+        # a write through the reader's own connection
+        features.push_card_features(store, card_row(card, at, 8))
+        assert reader.read([card], batch_merchants[:1])[0][0]["card_txn_count_24h"] == 8
+        assert (
+            reader.columns([card] * 20, batch_merchants[:20]).values["card_txn_count_24h"][0] == 8.0
+        )
+        same_as_uncached()
+    finally:
+        conn.set_trace_callback(None)
