@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -89,12 +89,15 @@ def derive_row(
     event_timestamp: datetime,
     card: Mapping[str, Any],
 ) -> dict[str, float | None]:
-    """Request-time features for one row from the raw fields and the card's aggregates."""
+    """Request-time features for one row from the raw fields and the card's aggregates
+    (the hour of day in UTC, as :func:`derive_frame`; a naive time is UTC)."""
     last = card.get("card_last_txn_ts")
     mean24 = card.get("card_amount_mean_24h")
+    if event_timestamp.tzinfo is None:
+        event_timestamp = event_timestamp.replace(tzinfo=UTC)
     ts = event_timestamp.timestamp()
     return {
-        "hour_of_day": float(event_timestamp.hour),
+        "hour_of_day": float(event_timestamp.astimezone(UTC).hour),
         "secs_since_last_txn": None if last is None else max(0.0, ts - float(last)),
         "amount_to_card_mean": None if not mean24 else amount / float(mean24),
     }

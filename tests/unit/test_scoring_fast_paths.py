@@ -131,3 +131,15 @@ def test_scorer_keeps_the_labelled_children() -> None:
     assert scorer._child(counter, "a") is counter.labels("fraud", "v1", "a")
     assert scorer._child(counter, "a") is scorer._child(counter, "a")
     assert scorer._child(counter, "b") is counter.labels("fraud", "v1", "b")
+
+
+@pytest.mark.parametrize("value", [PARSED, NOW, NOW.replace(tzinfo=None), NOW.astimezone(PARIS)])
+def test_the_row_path_takes_the_hour_in_utc_as_the_columnar_path(value: datetime) -> None:
+    """``modeling.derive_row`` (the bare baseline's row path) and the scorer's columns agree
+    on the hour of day and the seconds since the card's last transaction."""
+    from driftloop.modeling import derive_row
+
+    micros = _epoch_micros([value], 1, default=NOW)[0]
+    row = derive_row(10.0, value, {"card_last_txn_ts": micros / 1e6 - 90.0})
+    assert row["hour_of_day"] == float((micros // 3_600_000_000) % 24)
+    assert row["secs_since_last_txn"] == pytest.approx(90.0)
