@@ -66,8 +66,6 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 _REFRESH_SECONDS = 60.0
-#: "look at the store's content now" (the default of the SQLite reads' ``generation``)
-_CHECK = object()
 #: the request entity each view is keyed by (position in ``read``'s arguments)
 _VIEW_ENTITY = {features.CARD_VIEW: 0, features.MERCHANT_VIEW: 1}
 _TS = pl.Datetime("us", "UTC")
@@ -191,9 +189,10 @@ class FastOnlineReader:
         self,
         view: _View,
         ids: Sequence[int | None],
-        generation: _Generation | None | object = _CHECK,
+        generation: _Generation | None = None,
     ) -> dict[int, tuple[datetime, dict[str, Any]]]:
-        """The stored row of each distinct id: (event time, UTC; values)."""
+        """The stored row of each distinct id: (event time, UTC; values); those read
+        since the store last changed from ``generation`` (None: all from the store)."""
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
@@ -293,7 +292,7 @@ class FastOnlineReader:
         return OnlineColumns(values, stamps[0], stamps[1])
 
     def _view_columns(
-        self, view: _View, ids: np.ndarray, generation: _Generation | None | object = _CHECK
+        self, view: _View, ids: np.ndarray, generation: _Generation | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """For distinct ``ids``: the event time of each one's row (epoch seconds, NaN when
         unknown) and its values (rows x ``view.features``, NaN when missing)."""
@@ -476,15 +475,13 @@ class _SqliteRows:
         return generation
 
     def rows(
-        self, view: Any, ids: Sequence[int], *, generation: _Generation | None | object = _CHECK
+        self, view: Any, ids: Sequence[int], *, generation: _Generation | None = None
     ) -> dict[int, tuple[datetime, dict[str, Any]]] | None:
         """What ``_read_view`` makes of ``online_read``'s answer for distinct ``ids``
         (at most :data:`_SQLITE_CHUNK`); None to use ``online_read``. Entities read
-        since the store last changed are answered from memory (``generation``: what
-        :meth:`current` returned for this call; checked here when not given)."""
-        if generation is _CHECK:
-            generation = self.current()
-        if not isinstance(generation, _Generation):
+        since the store last changed are answered from ``generation`` (what
+        :meth:`current` returned for this call; None: all read from the store)."""
+        if generation is None:
             return self._rows(view, ids)
         cache = generation.rows_of(view)
         found: dict[int, tuple[datetime, dict[str, Any]]] = {}
@@ -551,14 +548,12 @@ class _SqliteRows:
         return found
 
     def read(
-        self, view: Any, ids: np.ndarray, *, generation: _Generation | None | object = _CHECK
+        self, view: Any, ids: np.ndarray, *, generation: _Generation | None = None
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """(event times, values) of distinct ``ids``; None to use the generic path.
-        Entities read since the store last changed are answered from memory (as
-        :meth:`rows`)."""
-        if generation is _CHECK:
-            generation = self.current()
-        if not isinstance(generation, _Generation):
+        Entities read since the store last changed are answered from ``generation``
+        (as :meth:`rows`)."""
+        if generation is None:
             return self._read(view, ids)
         mirror = generation.columns_of(view)
         ids_list = ids.tolist()
@@ -663,11 +658,7 @@ class _Generation:
 
     def rows_of(self, view: Any) -> dict[int, Any]:
         """id -> ``rows``' answer for it (None: the store has no row for it)."""
-        key = (view.name, view.features)
-        cache = self._rows.get(key)
-        if cache is None:
-            cache = self._rows.setdefault(key, {})
-        return cache
+        return self._rows.setdefault((view.name, view.features), {})
 
     def columns_of(self, view: Any) -> _Mirror:
         key = (view.name, view.features)
